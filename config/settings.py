@@ -1,0 +1,201 @@
+"""Process settings from the environment (and an optional `.env`).
+
+Every variable of the contract's table lives here with the contract's default,
+so a developer's machine needs none of them. Values are validated once at
+start: a bad value stops the process with a message that names the variable,
+rather than failing on the first event an hour later.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are {bot_name}, the friendly, upbeat chat bot of a live-streaming community. "
+    "You answer viewers in chat: short, warm, on topic, one or two sentences, "
+    "no markdown, no links unless asked, never rude, never political."
+)
+
+
+class ProviderName(StrEnum):
+    LOCAL = "local"
+    OLLAMA = "ollama"
+    WADDLEAI = "waddleai"
+
+
+class LogFormat(StrEnum):
+    JSON = "json"
+    TEXT = "text"
+
+
+def _split_csv(value: Any) -> Any:
+    """Accept `a,b,c` from the environment as well as a real list from code."""
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class SettingsError(ValueError):
+    """A setting has a bad value; the message names the environment variable."""
+
+
+class Settings(BaseSettings):
+    """The worker's settings. Field `foo_bar` is read from `FOO_BAR`."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        case_sensitive=False,
+        frozen=True,
+    )
+
+    # Broker and names
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    queue_prefix: str = Field(default="ai", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
+
+    # State
+    redis_url: str | None = None
+    database_url: str | None = None
+
+    # Providers
+    ai_provider: ProviderName = ProviderName.LOCAL
+    ai_fallback_providers: Annotated[list[ProviderName], NoDecode] = Field(default_factory=list)
+
+    ollama_host: str = "localhost"
+    ollama_port: int = Field(default=11434, ge=1, le=65535)
+    ollama_use_tls: bool = False
+    ollama_cert_path: str | None = None
+    ollama_verify_ssl: bool = True
+    ollama_model: str = "llama3.2"
+    ollama_timeout: float = Field(default=30.0, gt=0, le=600)
+    ollama_keep_alive: str = "30m"
+
+    waddleai_base_url: str = "http://waddleai-proxy:8000"
+    waddleai_api_key: str | None = None
+    waddleai_model: str = "auto"
+    waddleai_preferred_model: str | None = None
+    waddleai_timeout: float = Field(default=30.0, gt=0, le=600)
+
+    local_model_path: str | None = None
+    local_parallel: int = Field(default=4, ge=1, le=64)
+    local_context_tokens: int = Field(default=2048, ge=256, le=32768)
+    local_threads: int = Field(default=0, ge=0, le=256)
+    local_timeout: float = Field(default=60.0, gt=0, le=600)
+
+    # Persona defaults for communities without their own config
+    ai_temperature: float = Field(default=0.7, ge=0.0, le=2.0)
+    ai_max_tokens: int = Field(default=500, ge=1, le=32768)
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    bot_name: str = Field(default="waddlebot", min_length=1, max_length=64)
+    response_prefix: str = "🤖 "
+    known_bots: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: [
+            "nightbot", "streamelements", "streamlabs", "moobot", "fossabot",
+            "wizebot", "botrixoficial", "sery_bot", "soundalerts",
+        ]
+    )
+
+    # Triggers and conversation memory
+    user_cooldown_s: float = Field(default=10.0, ge=0, le=86400)
+    channel_cooldown_s: float = Field(default=2.0, ge=0, le=86400)
+    history_turns: int = Field(default=6, ge=0, le=100)
+    history_ttl_s: int = Field(default=3600, ge=1, le=30 * 86400)
+    memory_max_conversations: int = Field(default=10_000, ge=10, le=10_000_000)
+    dedupe_ttl_s: int = Field(default=86400, ge=60, le=30 * 86400)
+
+    # Throughput and reliability
+    max_concurrent_requests: int = Field(default=64, ge=1, le=100_000)
+    prefetch_count: int = Field(default=64, ge=1, le=65535)
+    retry_delays_ms: Annotated[list[int], NoDecode] = Field(
+        default_factory=lambda: [1000, 2000, 4000, 8000, 16000]
+    )
+    delivery_limit: int = Field(default=5, ge=1, le=1000)
+    max_event_age_s: float = Field(default=120.0, gt=0)
+    shutdown_grace_s: float = Field(default=25.0, ge=0, le=3600)
+
+    # Sidecar and API
+    sidecar_host: str = "0.0.0.0"
+    sidecar_port: int = Field(default=8005, ge=0, le=65535)
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    config_encryption_key: str | None = None
+
+    log_level: str = "INFO"
+    log_format: LogFormat = LogFormat.JSON
+
+    _csv = field_validator(
+        "ai_fallback_providers", "known_bots", "retry_delays_ms", "api_keys", mode="before"
+    )(_split_csv)
+
+    @field_validator("retry_delays_ms")
+    @classmethod
+    def _delays_positive_and_distinct(cls, value: list[int]) -> list[int]:
+        if any(delay <= 0 for delay in value):
+            raise ValueError("every delay must be a positive number of milliseconds")
+        if len(set(value)) != len(value):
+            raise ValueError("delays must be distinct: each one is its own delay queue")
+        return value
+
+    @field_validator("known_bots")
+    @classmethod
+    def _lower_bots(cls, value: list[str]) -> list[str]:
+        return [name.lower().lstrip("@") for name in value]
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError("must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        return level
+
+    @field_validator("redis_url", "database_url", "ollama_cert_path", "waddleai_api_key",
+                     "waddleai_preferred_model", "config_encryption_key", "local_model_path",
+                     mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def _fallbacks_differ_from_primary(self) -> Settings:
+        if self.ai_provider in self.ai_fallback_providers:
+            raise ValueError(
+                "AI_FALLBACK_PROVIDERS must not repeat AI_PROVIDER "
+                f"({self.ai_provider.value})"
+            )
+        return self
+
+    @property
+    def ollama_base_url(self) -> str:
+        """`OLLAMA_HOST` may be a bare host or a full URL (as Ollama's own CLI accepts)."""
+        host = self.ollama_host.strip().rstrip("/")
+        if "://" in host:
+            return host
+        scheme = "https" if self.ollama_use_tls else "http"
+        return f"{scheme}://{host}:{self.ollama_port}"
+
+    @property
+    def redis_key_prefix(self) -> str:
+        """Redis keys share the queue prefix, so one setting separates two deployments."""
+        return f"{self.queue_prefix}:"
+
+
+def _is_secret(name: str) -> bool:
+    return any(word in name for word in ("KEY", "PASSWORD", "URL"))
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read settings, turning pydantic's error into one that names the variables."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            name = "_".join(str(part) for part in error["loc"]).upper() or "settings"
+            shown = "***" if _is_secret(name) else repr(error.get("input"))
+            problems.append(f"{name}: {error['msg']} (got {shown})")
+        raise SettingsError("invalid settings:\n  " + "\n  ".join(problems)) from None

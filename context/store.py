@@ -1,0 +1,110 @@
+"""What the worker remembers between events, behind one interface.
+
+Three kinds of state decide and shape a reply: the reply marker (was this
+event answered already?), the cooldowns (was this user or channel answered a
+moment ago?) and the conversation (the last turns). They are read together in
+`admit()`, one round trip to Redis per event, and written together in
+`record()` after the reply is confirmed: the pipeline never pays three trips
+where one will do.
+
+Cooldowns are *owned* by the event that claimed them (the value is its
+`event_id`): a retried event finds its own claim and goes on, a different event
+finds someone else's and is refused. The in-flight lease is owned by one
+handling attempt, so two copies of one event are told apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Literal, Protocol
+
+Role = Literal["user", "assistant"]
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    role: Role
+    content: str
+    # For user turns: the display name of who said it (prompts address people by name).
+    speaker: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationKey:
+    community_id: str
+    channel_id: str
+    user_id: str
+    platform: str
+
+
+@dataclass(frozen=True, slots=True)
+class AdmitRequest:
+    event_id: str
+    # Unique per handling of a delivery: owns the in-flight lease, so a second
+    # copy of the same event (same event_id) is still told apart from us.
+    attempt_id: str
+    key: ConversationKey
+    user_cooldown_ms: int
+    channel_cooldown_ms: int
+    # While an event is in flight, a copy of it delivered elsewhere must not call
+    # the provider too; the lease ends on its own after this long.
+    lease_ms: int
+    history_turns: int
+
+
+class Verdict(StrEnum):
+    ADMITTED = "admitted"
+    ALREADY_ANSWERED = "already_answered"
+    IN_FLIGHT_ELSEWHERE = "in_flight_elsewhere"
+    USER_COOLDOWN = "user_cooldown"
+    CHANNEL_COOLDOWN = "channel_cooldown"
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    verdict: Verdict
+    history: list[Turn] = field(default_factory=list)
+
+    @property
+    def admitted(self) -> bool:
+        return self.verdict is Verdict.ADMITTED
+
+
+@dataclass(frozen=True, slots=True)
+class RecordRequest:
+    event_id: str
+    key: ConversationKey
+    turns: list[Turn]
+    history_turns: int
+    history_ttl_s: int
+    dedupe_ttl_s: int
+
+
+class StateStore(Protocol):
+    """Conversation memory, cooldowns and reply markers (Redis or process memory)."""
+
+    @property
+    def backend(self) -> str:
+        """`redis` or `memory`, for /readyz and logs."""
+        ...
+
+    async def admit(self, request: AdmitRequest) -> Admission:
+        """Check the marker and cooldowns, claim them, and read the history, atomically."""
+        ...
+
+    async def record(self, request: RecordRequest) -> None:
+        """After a confirmed reply: set the marker, append the turns, drop the lease."""
+        ...
+
+    async def release(self, event_id: str, attempt_id: str) -> None:
+        """Drop this attempt's in-flight lease (its reply will not be sent by it)."""
+        ...
+
+    async def was_answered(self, event_id: str) -> bool: ...
+
+    async def ping(self) -> None:
+        """Return when the backend answers; raise when it does not."""
+        ...
+
+    async def aclose(self) -> None: ...

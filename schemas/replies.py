@@ -1,0 +1,54 @@
+"""The reply the worker publishes to `ai.responses` (contract v1)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field
+
+from schemas.events import Platform
+
+
+class Trigger(StrEnum):
+    GREETING = "greeting"
+    FAREWELL = "farewell"
+    QUESTION = "question"
+    MENTION = "mention"
+    EVENT = "event"
+    PROACTIVE = "proactive"
+
+
+class Usage(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class Reply(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    schema_version: int = 1
+    event_id: str
+    session_id: str
+    community_id: str
+    platform: Platform
+    channel_id: str
+    user_id: str
+    response_action: str = "chat"
+    response: str
+    trigger: Trigger
+    provider: str
+    model: str
+    usage: Usage = Field(default_factory=Usage)
+    processing_time_ms: int = 0
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+    @property
+    def routing_key(self) -> str:
+        return f"{self.platform.value}.{self.community_id}"
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.model_dump(mode="json"))

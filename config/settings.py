@@ -56,7 +56,9 @@ class Settings(BaseSettings):
 
     # Broker and names
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
-    queue_prefix: str = Field(default="ai", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
+    queue_prefix: str = Field(
+        default="ai", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$"
+    )
 
     # State
     redis_url: str | None = None
@@ -114,7 +116,7 @@ class Settings(BaseSettings):
     retry_delays_ms: Annotated[list[int], NoDecode] = Field(
         default_factory=lambda: [1000, 2000, 4000, 8000, 16000]
     )
-    delivery_limit: int = Field(default=5, ge=1, le=1000)
+    delivery_limit: int = Field(default=10, ge=1, le=1000)
     max_event_age_s: float = Field(default=120.0, gt=0)
     shutdown_grace_s: float = Field(default=25.0, ge=0, le=3600)
 

@@ -45,6 +45,7 @@ class AdmitRequest:
     # copy of the same event (same event_id) is still told apart from us.
     attempt_id: str
     key: ConversationKey
+    # 0 means this event has no such cooldown: it is neither checked nor claimed.
     user_cooldown_ms: int
     channel_cooldown_ms: int
     # While an event is in flight, a copy of it delivered elsewhere must not call
@@ -74,8 +75,12 @@ class Admission:
 @dataclass(frozen=True, slots=True)
 class RecordRequest:
     event_id: str
+    # The attempt that admitted the event: its lease is dropped only if it still
+    # holds it, so a late record cannot free a lease another attempt took over.
+    attempt_id: str
     key: ConversationKey
     turns: list[Turn]
+    # Counted in entries, not exchanges: a user message and its reply are two.
     history_turns: int
     history_ttl_s: int
     dedupe_ttl_s: int

@@ -1,0 +1,142 @@
+"""The queues and exchanges of the contract, named from one prefix and declared idempotently.
+
+Every name derives from `QUEUE_PREFIX`, so two deployments can share a broker.
+Declaring is idempotent: the worker does it at start and `waddle-ai topology`
+does it on demand. A queue that already exists with other arguments makes the
+broker refuse the declaration; we turn that into an error that says which
+queue and what to do, instead of a bare PRECONDITION_FAILED.
+
+Queue types (RabbitMQ 3.10+ and 4.x):
+- `ai.interaction` is a quorum queue with a delivery limit and at-least-once
+  dead-lettering to `ai.dlx`: a message that kills its consumer again and again
+  ends in the DLQ instead of looping, and is not lost on the way.
+- the retry queues are quorum queues with a message TTL whose expired messages
+  dead-letter (at-least-once) back to `ai.interaction` through the default
+  exchange. One queue per delay keeps expiry in order: every message in a
+  queue has the same TTL, so the head always expires first.
+- `ai.dlx` is a direct exchange; the DLQ is bound with the name of the queue
+  its letters come from, so other queues can later get DLQs on the same DLX.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, ExchangeType
+from aiormq.exceptions import ChannelPreconditionFailed
+
+
+class TopologyError(RuntimeError):
+    """The broker holds a queue or exchange of ours declared differently."""
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    prefix: str = "ai"
+    retry_delays_ms: tuple[int, ...] = (1000, 2000, 4000, 8000, 16000)
+    delivery_limit: int = 10
+
+    @property
+    def interaction_queue(self) -> str:
+        return f"{self.prefix}.interaction"
+
+    @property
+    def responses_exchange(self) -> str:
+        return f"{self.prefix}.responses"
+
+    @property
+    def completions_queue(self) -> str:
+        return f"{self.prefix}.completions"
+
+    @property
+    def dead_letter_exchange(self) -> str:
+        return f"{self.prefix}.dlx"
+
+    @property
+    def dead_letter_queue(self) -> str:
+        return f"{self.prefix}.interaction.dlq"
+
+    def retry_queue(self, delay_ms: int) -> str:
+        return f"{self.prefix}.interaction.retry.{delay_ms}"
+
+    @property
+    def retry_queues(self) -> list[str]:
+        return [self.retry_queue(delay) for delay in self.retry_delays_ms]
+
+    def interaction_arguments(self) -> dict[str, Any]:
+        return {
+            "x-queue-type": "quorum",
+            "x-delivery-limit": self.delivery_limit,
+            "x-dead-letter-exchange": self.dead_letter_exchange,
+            "x-dead-letter-routing-key": self.interaction_queue,
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+        }
+
+    def retry_arguments(self, delay_ms: int) -> dict[str, Any]:
+        return {
+            "x-queue-type": "quorum",
+            "x-message-ttl": delay_ms,
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": self.interaction_queue,
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+        }
+
+    def describe(self) -> list[dict[str, Any]]:
+        """What `declare()` creates, for `waddle-ai topology` to print."""
+        rows: list[dict[str, Any]] = [
+            {"name": self.interaction_queue, "kind": "quorum queue",
+             "arguments": self.interaction_arguments()},
+            {"name": self.responses_exchange, "kind": "topic exchange", "arguments": {}},
+            {"name": self.completions_queue, "kind": "queue", "arguments": {}},
+        ]
+        rows += [
+            {"name": self.retry_queue(delay), "kind": "quorum queue",
+             "arguments": self.retry_arguments(delay)}
+            for delay in self.retry_delays_ms
+        ]
+        rows += [
+            {"name": self.dead_letter_exchange, "kind": "direct exchange", "arguments": {}},
+            {"name": self.dead_letter_queue, "kind": "quorum queue",
+             "arguments": {"x-queue-type": "quorum"},
+             "bound": f"{self.dead_letter_exchange} / {self.interaction_queue}"},
+        ]
+        return rows
+
+    async def declare(self, channel: AbstractChannel) -> None:
+        """Create everything, or check it is already there as we would create it."""
+        await _exchange(channel, self.dead_letter_exchange, ExchangeType.DIRECT)
+        dlq = await _queue(channel, self.dead_letter_queue, {"x-queue-type": "quorum"})
+        await dlq.bind(self.dead_letter_exchange, routing_key=self.interaction_queue)
+        await _exchange(channel, self.responses_exchange, ExchangeType.TOPIC)
+        await _queue(channel, self.interaction_queue, self.interaction_arguments())
+        for delay in self.retry_delays_ms:
+            await _queue(channel, self.retry_queue(delay), self.retry_arguments(delay))
+        await _queue(channel, self.completions_queue, {})
+
+
+async def _exchange(channel: AbstractChannel, name: str, kind: ExchangeType) -> None:
+    try:
+        await channel.declare_exchange(name, kind, durable=True)
+    except ChannelPreconditionFailed as exc:
+        raise TopologyError(
+            f"exchange {name!r} exists with another type or flags ({exc}); "
+            f"it must be a durable {kind.value} exchange"
+        ) from exc
+
+
+async def _queue(
+    channel: AbstractChannel, name: str, arguments: Mapping[str, Any]
+) -> aio_pika.abc.AbstractQueue:
+    try:
+        return await channel.declare_queue(name, durable=True, arguments=dict(arguments))
+    except ChannelPreconditionFailed as exc:
+        raise TopologyError(
+            f"queue {name!r} exists with other arguments ({exc}); expected "
+            f"{dict(arguments)}. Move its messages and delete it, or change the "
+            "settings back (RabbitMQ cannot change a queue's arguments in place)"
+        ) from exc

@@ -1,0 +1,292 @@
+"""Consume `ai.interaction`: bounded concurrency, and every delivery settled safely.
+
+Settling is the consumer's whole job beyond calling the pipeline:
+
+| outcome                      | broker actions, in this order                    |
+|------------------------------|--------------------------------------------------|
+| reply published (confirmed)  | ack                                              |
+| no reply needed              | ack (counted by reason)                          |
+| retryable failure            | confirmed copy to the next delay queue, then ack |
+| out of retries / permanent   | confirmed dead letter, then ack                  |
+| copy or dead letter refused  | nack with requeue (the delivery limit bounds it) |
+
+Concurrency is bounded twice: the broker's prefetch caps what this replica
+holds, the semaphore caps what it works on. A stopping consumer cancels its
+subscription first, lets what is in hand finish within the grace time, and
+hands back what it had not started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+
+from consumers.pipeline import (
+    Deferred,
+    Delivery,
+    Failed,
+    InteractionPipeline,
+    Outcome,
+    Replied,
+    Skipped,
+)
+from publishers.confirm import PublishFailed
+from publishers.failures import Failure, FailurePublisher, retry_count
+from schemas import headers
+from schemas.events import EventError, parse_event
+from schemas.headers import ErrorType
+from worker.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+REQUEUE_PAUSE_S = 1.0
+
+
+def choose_delay(delays_ms: Sequence[int], attempt: int, retry_after_s: float | None) -> int:
+    """The delay step for retry number `attempt` (0-based), honouring a Retry-After.
+
+    A provider's Retry-After moves the retry to the first step at least that
+    long (or the longest step), so we do not knock again before we may.
+    """
+    delay = delays_ms[min(attempt, len(delays_ms) - 1)]
+    if retry_after_s is not None:
+        wanted = int(retry_after_s * 1000)
+        longer = [d for d in delays_ms if d >= max(wanted, delay)]
+        delay = min(longer) if longer else max(delays_ms)
+    return delay
+
+
+class InteractionConsumer:
+    def __init__(
+        self,
+        *,
+        queue_name: str,
+        queue_arguments: dict[str, Any],
+        pipeline: InteractionPipeline,
+        failures: FailurePublisher,
+        metrics: Metrics,
+        max_concurrent: int,
+        retry_delays_ms: Sequence[int],
+    ) -> None:
+        self._queue_name = queue_name
+        self._queue_arguments = queue_arguments
+        self._pipeline = pipeline
+        self._failures = failures
+        self._metrics = metrics
+        self._slots = asyncio.Semaphore(max_concurrent)
+        self._delays = tuple(retry_delays_ms)
+        self._queue: AbstractQueue | None = None
+        self._consumer_tag: str | None = None
+        self._stopping = False
+        self._active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        metrics.capacity.set(max_concurrent)
+
+    @property
+    def attached(self) -> bool:
+        """True while subscribed on an open channel (what /readyz reports)."""
+        return (
+            self._consumer_tag is not None
+            and self._queue is not None
+            and not self._queue.channel.is_closed
+        )
+
+    async def attach(self, channel: AbstractChannel) -> None:
+        # Declared through the (robust) channel so a reconnect re-declares and re-consumes.
+        self._queue = await channel.declare_queue(
+            self._queue_name, durable=True, arguments=self._queue_arguments
+        )
+        self._consumer_tag = await self._queue.consume(self._on_message, no_ack=False)
+        self._metrics.consumer_up.set(1)
+        log.info("consumer attached", extra={"action": "attach", "queue": self._queue_name})
+
+    async def stop(self, grace_s: float) -> bool:
+        """Stop taking work and wait for what is in hand; True if all of it finished."""
+        self._stopping = True
+        if self._queue is not None and self._consumer_tag is not None:
+            try:
+                await self._queue.cancel(self._consumer_tag)
+            except Exception:
+                log.warning("could not cancel the subscription", exc_info=True)
+        self._consumer_tag = None
+        self._metrics.consumer_up.set(0)
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout=grace_s)
+            return True
+        except TimeoutError:
+            log.warning("grace time over; in-flight events go back to the queue",
+                        extra={"action": "stop", "in_flight": self._active})
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            return False
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        self._active += 1
+        self._idle.clear()
+        try:
+            await self._handle_in_slot(message)
+        finally:
+            self._active -= 1
+            if task is not None:
+                self._tasks.discard(task)
+            if self._active == 0:
+                self._idle.set()
+
+    async def _handle_in_slot(self, message: AbstractIncomingMessage) -> None:
+        async with self._slots:
+            if self._stopping:
+                # Not started: hand it back for another replica, untouched.
+                await self._settle_safely(message.nack(requeue=True))
+                return
+            self._metrics.in_flight.inc()
+            started = time.perf_counter()
+            try:
+                label = await self._handle(message)
+            finally:
+                self._metrics.in_flight.dec()
+            self._metrics.handling.labels(label).observe(time.perf_counter() - started)
+
+    async def _handle(self, message: AbstractIncomingMessage) -> str:
+        try:
+            event = parse_event(message.body)
+        except EventError as exc:
+            self._metrics.events_received.labels("invalid").inc()
+            log.warning("invalid event", extra={
+                "action": "parse", "error_type": exc.error_type, "error": str(exc),
+                "message_id": message.message_id})
+            return await self._dead_letter(message, Failure(exc.error_type, str(exc)))
+
+        self._metrics.events_received.labels(event.message_type.value).inc()
+        message_headers = message.headers or {}
+        delivery = Delivery(
+            attempt_id=uuid.uuid4().hex,
+            first_received_at=_first_received_at(message_headers),
+            traceparent=_text(message_headers.get(headers.TRACEPARENT)),
+        )
+        try:
+            outcome = await self._pipeline.handle(event, delivery)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("event handling crashed", extra={
+                "action": "handle", "event_id": event.event_id})
+            outcome = Failed(Failure(ErrorType.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}"),
+                             retryable=True)
+        log.info("event handled", extra={
+            "action": "handle", "event_id": event.event_id, "community": event.community_id,
+            "result": _describe(outcome)})
+        return await self._settle(message, delivery, outcome)
+
+    async def _settle(
+        self, message: AbstractIncomingMessage, delivery: Delivery, outcome: Outcome
+    ) -> str:
+        if isinstance(outcome, Replied):
+            self._metrics.replies.labels(outcome.reply.trigger.value, outcome.reply.provider).inc()
+            await self._ack(message)
+            return "replied"
+        if isinstance(outcome, Skipped):
+            self._metrics.no_reply.labels(outcome.reason).inc()
+            await self._ack(message)
+            return "skipped"
+        carried = {headers.FIRST_RECEIVED_AT: delivery.first_received_at.isoformat()}
+        if isinstance(outcome, Deferred):
+            failure = Failure(outcome.reason, "another copy of this event is being answered")
+            return await self._retry(message, failure, self._delays[0], carried, count=False)
+        if not outcome.retryable:
+            return await self._dead_letter(message, outcome.failure, carried)
+        attempt = retry_count(message.headers)
+        if attempt >= len(self._delays):
+            failure = Failure(outcome.failure.error_type,
+                              f"gave up after {attempt} retries: {outcome.failure.error}")
+            return await self._dead_letter(message, failure, carried)
+        delay = choose_delay(self._delays, attempt, outcome.retry_after_s)
+        return await self._retry(message, outcome.failure, delay, carried, count=True)
+
+    async def _retry(
+        self, message: AbstractIncomingMessage, failure: Failure, delay_ms: int,
+        carried: dict[str, Any], *, count: bool,
+    ) -> str:
+        try:
+            await self._failures.retry(message, failure, delay_ms, extra_headers=carried,
+                                       count_retry=count)
+        except PublishFailed:
+            return await self._requeue(message, "retry copy")
+        self._metrics.retries.labels(str(delay_ms), failure.error_type).inc()
+        await self._ack(message)
+        return "retried" if count else "deferred"
+
+    async def _dead_letter(
+        self, message: AbstractIncomingMessage, failure: Failure,
+        carried: dict[str, Any] | None = None,
+    ) -> str:
+        try:
+            await self._failures.dead_letter(message, failure, extra_headers=carried)
+        except PublishFailed:
+            return await self._requeue(message, "dead letter")
+        self._metrics.dead_letters.labels(failure.error_type).inc()
+        log.warning("event dead-lettered", extra={
+            "action": "dead_letter", "error_type": failure.error_type, "error": failure.error,
+            "message_id": message.message_id})
+        await self._ack(message)
+        return "dead_lettered"
+
+    async def _requeue(self, message: AbstractIncomingMessage, what: str) -> str:
+        """The broker refused our copy: give the original back rather than lose it."""
+        self._metrics.settle_failures.inc()
+        log.error(f"could not publish the {what}; returning the event to the queue",
+                  exc_info=True, extra={"action": "requeue", "message_id": message.message_id})
+        await asyncio.sleep(REQUEUE_PAUSE_S)
+        await self._settle_safely(message.nack(requeue=True))
+        return "requeued"
+
+    async def _ack(self, message: AbstractIncomingMessage) -> None:
+        await self._settle_safely(message.ack())
+
+    @staticmethod
+    async def _settle_safely(settling: Any) -> None:
+        """Ack/nack on a channel that died is pointless: the broker redelivers it."""
+        try:
+            await settling
+        except Exception as exc:
+            log.warning("could not settle a delivery; the broker will redeliver it",
+                        extra={"action": "settle", "error": repr(exc)})
+
+
+def _first_received_at(message_headers: dict[str, Any]) -> datetime:
+    carried = _text(message_headers.get(headers.FIRST_RECEIVED_AT))
+    if carried:
+        try:
+            parsed = datetime.fromisoformat(carried)
+            return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+        except ValueError:
+            pass
+    return datetime.now(UTC)
+
+
+def _text(value: Any) -> str | None:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value if isinstance(value, str) else None
+
+
+def _describe(outcome: Outcome) -> str:
+    if isinstance(outcome, Replied):
+        return "replied"
+    if isinstance(outcome, Skipped):
+        return f"skipped:{outcome.reason}"
+    if isinstance(outcome, Deferred):
+        return f"deferred:{outcome.reason}"
+    return f"failed:{outcome.failure.error_type}"

@@ -1,0 +1,248 @@
+"""The life of one valid event: decide, remember, ask, clean, reply.
+
+The pipeline returns an `Outcome` and never touches the delivery itself; the
+consumer turns the outcome into broker actions (ack, retry copy, dead
+letter). That keeps the order the contract needs in one place: whatever the
+outcome, the event is acked only after what it produced is confirmed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from config.community import CommunityConfigSource, CommunityProfile
+from consumers.triggers import detect_trigger
+from context.prompts import build_messages
+from context.store import (
+    AdmitRequest,
+    ConversationKey,
+    RecordRequest,
+    StateStore,
+    Turn,
+    Verdict,
+)
+from providers.base import ChatRequest
+from providers.errors import ProviderError, ProviderRateLimited
+from providers.router import ProviderRouter
+from publishers.confirm import PublishFailed
+from publishers.failures import Failure
+from publishers.replies import ReplyPublisher
+from publishers.safety import make_safe
+from schemas.events import InteractionEvent
+from schemas.headers import ErrorType
+from schemas.replies import Reply, Trigger, Usage
+from worker.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+MAX_REMEMBERED_CHARS = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """What the pipeline needs to know about the delivery, not the event."""
+
+    attempt_id: str
+    first_received_at: datetime
+    traceparent: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Replied:
+    reply: Reply
+
+
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    """Acked with no reply; `reason` labels the no-reply metric."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    failure: Failure
+    retryable: bool
+    retry_after_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Deferred:
+    """Another copy of this event is being answered elsewhere; look again shortly."""
+
+    reason: str
+
+
+Outcome = Replied | Skipped | Failed | Deferred
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineOptions:
+    max_event_age_s: float
+    lease_ms: int
+    history_ttl_s: int
+    dedupe_ttl_s: int
+
+
+class InteractionPipeline:
+    def __init__(
+        self,
+        *,
+        config: CommunityConfigSource,
+        store: StateStore,
+        providers: ProviderRouter,
+        replies: ReplyPublisher,
+        metrics: Metrics,
+        options: PipelineOptions,
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._providers = providers
+        self._replies = replies
+        self._metrics = metrics
+        self._options = options
+
+    async def handle(self, event: InteractionEvent, delivery: Delivery) -> Outcome:
+        started = time.perf_counter()
+        profile = await self._config.profile(event.community_id)
+        if not profile.enabled:
+            return Skipped("community_disabled")
+        if self._is_stale(event, delivery):
+            return Skipped("stale")
+        decision = detect_trigger(event, profile.trigger_rules)
+        if decision.trigger is None:
+            return Skipped(decision.skip_reason or "no_trigger")
+        trigger = decision.trigger
+
+        key = ConversationKey(
+            community_id=event.community_id, channel_id=event.channel_id,
+            user_id=event.user_id, platform=event.platform.value,
+        )
+        admission = await self._store.admit(AdmitRequest(
+            event_id=event.event_id,
+            attempt_id=delivery.attempt_id,
+            key=key,
+            user_cooldown_ms=profile.user_cooldown_ms,
+            # Someone talking to the bot by name is answered even when the
+            # channel is busy; their own cooldown still applies.
+            channel_cooldown_ms=0 if trigger is Trigger.MENTION else profile.channel_cooldown_ms,
+            lease_ms=self._options.lease_ms,
+            history_turns=profile.history_turns,
+        ))
+        if admission.verdict is Verdict.ALREADY_ANSWERED:
+            return Skipped("duplicate")
+        if admission.verdict is Verdict.IN_FLIGHT_ELSEWHERE:
+            return Deferred("in_flight_elsewhere")
+        if not admission.admitted:
+            return Skipped(admission.verdict.value)
+
+        try:
+            outcome = await self._answer(event, delivery, profile, trigger, admission.history,
+                                         started)
+        except BaseException:
+            await self._release(event, delivery)
+            raise
+        if not isinstance(outcome, Replied):
+            await self._release(event, delivery)
+            return outcome
+        await self._remember(event, delivery, key, profile, outcome.reply)
+        return outcome
+
+    async def _answer(
+        self, event: InteractionEvent, delivery: Delivery, profile: CommunityProfile,
+        trigger: Trigger, history: list[Turn], started: float,
+    ) -> Outcome:
+        request = ChatRequest(
+            messages=build_messages(event, trigger, profile.persona, history),
+            temperature=profile.temperature,
+            max_tokens=profile.max_tokens,
+            model=profile.model,
+        )
+        chain = (profile.provider, *profile.fallback_providers)
+        try:
+            completion = await self._providers.complete(chain, request)
+        except ProviderError as exc:
+            retry_after = exc.retry_after_s if isinstance(exc, ProviderRateLimited) else None
+            return Failed(Failure(exc.error_type, str(exc)), exc.retryable, retry_after)
+
+        text = make_safe(
+            completion.text, event.platform, prefix=profile.response_prefix,
+            max_chars=profile.max_reply_chars, allow_links=profile.allow_links,
+        )
+        if not text:
+            return Failed(Failure(
+                ErrorType.EMPTY_OUTPUT,
+                f"{completion.provider} ({completion.model}) answered nothing usable "
+                f"({len(completion.text)} characters before the safety filter)",
+            ), retryable=False)
+
+        reply = Reply(
+            event_id=event.event_id,
+            session_id=event.effective_session_id,
+            community_id=event.community_id,
+            platform=event.platform,
+            channel_id=event.channel_id,
+            user_id=event.user_id,
+            response=text,
+            trigger=trigger,
+            provider=completion.provider,
+            model=completion.model,
+            usage=Usage(
+                prompt_tokens=completion.usage.prompt_tokens,
+                completion_tokens=completion.usage.completion_tokens,
+            ),
+            processing_time_ms=int((time.perf_counter() - started) * 1000),
+        )
+        try:
+            await self._replies.publish(reply, traceparent=delivery.traceparent)
+        except PublishFailed as exc:
+            return Failed(Failure(ErrorType.PUBLISH_FAILED, str(exc)), retryable=True)
+        return Replied(reply)
+
+    def _is_stale(self, event: InteractionEvent, delivery: Delivery) -> bool:
+        seen = event.sent_at or delivery.first_received_at
+        if seen.tzinfo is None:
+            seen = seen.replace(tzinfo=UTC)
+        return (datetime.now(UTC) - seen).total_seconds() > self._options.max_event_age_s
+
+    async def _release(self, event: InteractionEvent, delivery: Delivery) -> None:
+        try:
+            await self._store.release(event.event_id, delivery.attempt_id)
+        except Exception:
+            # The lease expires on its own; a failed release only delays a retry.
+            self._metrics.state_errors.labels("release").inc()
+            log.warning("could not release the in-flight lease", exc_info=True,
+                        extra={"action": "release", "event_id": event.event_id})
+
+    async def _remember(
+        self, event: InteractionEvent, delivery: Delivery, key: ConversationKey,
+        profile: CommunityProfile, reply: Reply,
+    ) -> None:
+        """Mark the event answered and keep the exchange as conversation history.
+
+        The reply is already confirmed, so a failure here is logged, not
+        raised: the event must be acked either way. What it costs is written
+        in the README (a redelivery in this window could be answered twice).
+        """
+        said = event.message_content or f"[{event.message_type.value}]"
+        answer = reply.response.removeprefix(profile.response_prefix)
+        try:
+            await self._store.record(RecordRequest(
+                event_id=event.event_id,
+                attempt_id=delivery.attempt_id,
+                key=key,
+                turns=[
+                    Turn("user", said[:MAX_REMEMBERED_CHARS], speaker=event.speaker),
+                    Turn("assistant", answer[:MAX_REMEMBERED_CHARS]),
+                ],
+                history_turns=profile.history_turns,
+                history_ttl_s=self._options.history_ttl_s,
+                dedupe_ttl_s=self._options.dedupe_ttl_s,
+            ))
+        except Exception:
+            self._metrics.state_errors.labels("record").inc()
+            log.error("reply sent but not recorded; a redelivery could repeat it",
+                      exc_info=True, extra={"action": "record", "event_id": event.event_id})

@@ -1,0 +1,277 @@
+"""Whether an interaction event deserves a reply, and why.
+
+The worker sees every chat line of every channel; answering all of them would
+flood chat and burn provider capacity, so only lines that plainly ask for the
+bot (a mention, a question, a greeting, a goodbye) or celebrate something (a
+subscription, a raid, ...) are answered. The decision is a pure function of the
+event and the rules so that it is cheap (no I/O on the hot path) and trivially
+testable.
+
+Decisions on the cases the contract leaves open:
+
+* Order of checks: own message > other bots > event types > empty text >
+  commands > chat triggers. A bot (or the bot itself) is never answered, even
+  when it raises an event, so two bots can never talk to each other forever.
+* Among chat triggers the priority is mention > question > greeting >
+  farewell. When the best match is disabled the next enabled match is used;
+  only when every match is disabled is the event skipped with
+  `trigger_disabled` (nothing matching at all is `no_trigger`).
+* A mention is answered by default because `Trigger.MENTION` is in the default
+  `enabled_triggers`; an operator who explicitly removes it is obeyed.
+* `Trigger.PROACTIVE` is never returned here: joining a conversation
+  unprompted needs a rate or a chance, which is the pipeline's call.
+* `!word` is a command for another bot, except `!lurk`, which is a goodbye.
+  `!` followed by no word character ("!!!", "! wow") is excitement, not a
+  command. A mention inside a command ("!so @waddlebot") is still a command.
+* Greeting and farewell words match on word boundaries, case-insensitively,
+  and any letter may be stretched the way chat writes ("heyyy", "hiii",
+  "helloooo", "byeee"), so "this", "which", "they", "support", "history",
+  "shipping", "sushi", "ohio", "superb" and "heyday" never fire.
+  A doubled word counts too ("byebye", "hihi").
+* "later" is an everyday word ("I'll do it later"), so it counts as a goodbye
+  only as the first word of the line or in "see you/ya/u later",
+  "catch you/ya/u later".
+* A question is a `?` outside a URL (a query string is not a question) in a
+  line that has at least one letter or digit ("???" alone is not a question).
+* Metadata flags (`is_bot`, `mentions_bot`, `is_self`) come from JSON written
+  by several routers, so the strings "true"/"1"/"yes" count as true and
+  "false"/"0"/"no"/"" as false.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from schemas.events import InteractionEvent, MessageType
+from schemas.replies import Trigger
+
+if TYPE_CHECKING:
+    from config.settings import Settings
+
+SkipReason = Literal[
+    "own_message",  # the bot's own line echoed back by the platform
+    "bot_message",  # another bot (metadata `is_bot` or a name in `known_bots`)
+    "event_type_disabled",  # a non-chat event whose type is not answered here
+    "empty_message",  # a chat line with nothing but whitespace
+    "command",  # `!word`: meant for another bot
+    "no_trigger",  # an ordinary chat line nobody asked us about
+    "trigger_disabled",  # something matched, but that trigger is switched off
+]
+
+DEFAULT_TRIGGERS: frozenset[Trigger] = frozenset(
+    {Trigger.GREETING, Trigger.FAREWELL, Trigger.QUESTION, Trigger.MENTION, Trigger.EVENT}
+)
+EVENT_TYPES: frozenset[MessageType] = frozenset(MessageType) - {MessageType.CHAT_MESSAGE}
+
+GREETING_WORDS: tuple[str, ...] = (
+    "hi", "hello", "hey", "howdy", "hiya", "sup", "greetings", "o7",
+)
+FAREWELL_WORDS: tuple[str, ...] = ("bye", "goodbye", "cya")
+
+_TRUE_STRINGS = frozenset({"true", "1", "yes", "y", "on"})
+
+
+def _stretchable(word: str) -> str:
+    """Chat stretches words ("heyyy", "hellooo"): let every letter repeat."""
+    return "".join(f"{re.escape(char)}+" for char in word)
+
+
+def _word_alternation(words: Iterable[str]) -> str:
+    # Longest first, so "hiya" is tried before "hi" (either way the match is bounded).
+    parts = [_stretchable(word) for word in sorted(words, key=len, reverse=True)]
+    return "(?:" + "|".join(parts) + ")"
+
+
+# `(?<!\w)` / `(?!\w)` rather than `\b`: they behave the same for words made of
+# word characters, and stay correct for a bot name that starts or ends with
+# punctuation. `(?:...)+` lets a doubled word ("byebye") count.
+_GREETING_RE = re.compile(
+    rf"(?<!\w)(?:{_word_alternation(GREETING_WORDS)})+(?!\w)", re.IGNORECASE
+)
+_FAREWELL_RE = re.compile(
+    rf"(?<!\w)(?:{_word_alternation(FAREWELL_WORDS)})+(?!\w)"
+    rf"|(?<![\w!])!lurk(?!\w)"
+    rf"|^\W*{_stretchable('later')}(?!\w)"
+    rf"|(?<!\w)(?:see|catch)\s+(?:you|ya|u)\s+{_stretchable('later')}(?!\w)",
+    re.IGNORECASE,
+)
+_URL_RE = re.compile(r"(?:https?://|www\.)\S+", re.IGNORECASE)
+_COMMAND_RE = re.compile(r"^\s*!(\w+)")
+_HAS_WORD_RE = re.compile(r"\w")
+
+
+def _truthy(value: Any) -> bool:
+    """Metadata flags arrive as JSON from several routers: `"false"` must be false."""
+    if isinstance(value, str):
+        return value.strip().lower() in _TRUE_STRINGS
+    if isinstance(value, bool | int | float):
+        return bool(value)
+    return False
+
+
+def _norm_name(name: str | None) -> str:
+    return (name or "").strip().lstrip("@").casefold()
+
+
+@dataclass(frozen=True)
+class TriggerRules:
+    """What this deployment (or community) answers; build once, reuse for every event."""
+
+    bot_name: str
+    known_bots: frozenset[str] = frozenset()
+    enabled_triggers: frozenset[Trigger] = DEFAULT_TRIGGERS
+    answered_events: frozenset[MessageType] = EVENT_TYPES
+    # Compiled once here, never per event: the hot path only runs them.
+    _mention_re: re.Pattern[str] = field(init=False, repr=False, compare=False)
+    _bot_key: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        name = self.bot_name.strip().lstrip("@")
+        if not name:
+            raise ValueError("bot_name must not be empty")
+        # Callers may hand in "NightBot" or "@nightbot"; compare on one spelling.
+        object.__setattr__(
+            self, "known_bots", frozenset(_norm_name(bot) for bot in self.known_bots)
+        )
+        object.__setattr__(self, "_bot_key", name.casefold())
+        object.__setattr__(
+            self,
+            "_mention_re",
+            re.compile(rf"(?<![\w@])@?{re.escape(name)}(?!\w)", re.IGNORECASE),
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TriggerRules:
+        return cls(bot_name=settings.bot_name, known_bots=frozenset(settings.known_bots))
+
+    def is_own(self, event: InteractionEvent) -> bool:
+        meta = event.metadata
+        return (
+            _norm_name(event.username) == self._bot_key
+            or _norm_name(event.display_name) == self._bot_key
+            or _truthy(meta.get("is_self"))
+            or _metadata_names_user(meta.get("bot_user_id"), event.user_id)
+        )
+
+    def is_other_bot(self, event: InteractionEvent) -> bool:
+        return (
+            _truthy(event.metadata.get("is_bot"))
+            or _norm_name(event.username) in self.known_bots
+            or _norm_name(event.display_name) in self.known_bots
+        )
+
+    def mentions_bot(self, event: InteractionEvent) -> bool:
+        return _truthy(event.metadata.get("mentions_bot")) or bool(
+            self._mention_re.search(event.message_content)
+        )
+
+
+def _metadata_names_user(value: Any, user_id: str) -> bool:
+    # The router may tell us the bot's own platform id; a number or a string.
+    return isinstance(value, str | int) and not isinstance(value, bool) and str(value) == user_id
+
+
+@dataclass(frozen=True)
+class TriggerDecision:
+    """Exactly one of `trigger` (answer, and why) or `skip_reason` (don't, and why)."""
+
+    trigger: Trigger | None = None
+    skip_reason: SkipReason | None = None
+
+    def __post_init__(self) -> None:
+        if (self.trigger is None) == (self.skip_reason is None):
+            raise ValueError("a decision has either a trigger or a skip reason, not both")
+
+    @property
+    def answer(self) -> bool:
+        return self.trigger is not None
+
+    @classmethod
+    def reply(cls, trigger: Trigger) -> TriggerDecision:
+        return cls(trigger=trigger)
+
+    @classmethod
+    def skip(cls, reason: SkipReason) -> TriggerDecision:
+        return cls(skip_reason=reason)
+
+
+def is_question(text: str) -> bool:
+    """A `?` in a URL's query string is not a question; "???" alone is not one either."""
+    without_urls = _URL_RE.sub(" ", text)
+    return "?" in without_urls and bool(_HAS_WORD_RE.search(without_urls))
+
+
+def is_greeting(text: str) -> bool:
+    return bool(_GREETING_RE.search(text))
+
+
+def is_farewell(text: str) -> bool:
+    return bool(_FAREWELL_RE.search(text))
+
+
+def chat_triggers(event: InteractionEvent, rules: TriggerRules) -> list[Trigger]:
+    """All matches, best first, so a disabled trigger can fall through to the next one."""
+    text = event.message_content
+    found: list[Trigger] = []
+    if rules.mentions_bot(event):
+        found.append(Trigger.MENTION)
+    if is_question(text):
+        found.append(Trigger.QUESTION)
+    if is_greeting(text):
+        found.append(Trigger.GREETING)
+    if is_farewell(text):
+        found.append(Trigger.FAREWELL)
+    return found
+
+
+def detect_trigger(event: InteractionEvent, rules: TriggerRules) -> TriggerDecision:
+    """Pure and cheap: it runs on every chat line before any state or provider is touched."""
+    if rules.is_own(event):
+        return TriggerDecision.skip("own_message")
+    if rules.is_other_bot(event):
+        return TriggerDecision.skip("bot_message")
+
+    if event.message_type is not MessageType.CHAT_MESSAGE:
+        if event.message_type not in rules.answered_events:
+            return TriggerDecision.skip("event_type_disabled")
+        return _enabled([Trigger.EVENT], rules.enabled_triggers)
+
+    text = event.message_content
+    if not text.strip():
+        return TriggerDecision.skip("empty_message")
+    command = _COMMAND_RE.match(text)
+    if command is not None:
+        if command.group(1).lower() == "lurk":
+            return _enabled([Trigger.FAREWELL], rules.enabled_triggers)
+        return TriggerDecision.skip("command")
+
+    found = chat_triggers(event, rules)
+    if not found:
+        return TriggerDecision.skip("no_trigger")
+    return _enabled(found, rules.enabled_triggers)
+
+
+def _enabled(found: list[Trigger], enabled: frozenset[Trigger]) -> TriggerDecision:
+    for trigger in found:
+        if trigger in enabled:
+            return TriggerDecision.reply(trigger)
+    return TriggerDecision.skip("trigger_disabled")
+
+
+__all__ = [
+    "DEFAULT_TRIGGERS",
+    "EVENT_TYPES",
+    "FAREWELL_WORDS",
+    "GREETING_WORDS",
+    "SkipReason",
+    "TriggerDecision",
+    "TriggerRules",
+    "chat_triggers",
+    "detect_trigger",
+    "is_farewell",
+    "is_greeting",
+    "is_question",
+]

@@ -1,0 +1,195 @@
+"""Ollama's native chat API (`/api/chat`), not its OpenAI shim.
+
+The native API is the one that honours `keep_alive` (so the model stays in
+memory between chat bursts) and reports token counts on every answer. Its
+sampling settings live in `options`: a top-level `temperature` is silently
+ignored by Ollama, which is why the body is built in one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from typing import TYPE_CHECKING, Any
+
+from providers.base import ChatRequest, Completion, CompletionChunk, TokenUsage
+from providers.errors import (
+    ProviderBadOutput,
+    ProviderBadRequest,
+    ProviderError,
+    ProviderUnavailable,
+)
+from providers.http import (
+    as_int,
+    bad_shape,
+    build_client,
+    excerpt,
+    parse_json,
+    raise_for_status,
+    transport_errors,
+)
+
+if TYPE_CHECKING:
+    from config.settings import Settings
+
+
+class OllamaProvider:
+    """Talks to one Ollama server through one pooled HTTP client."""
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        model: str,
+        timeout_s: float = 30.0,
+        keep_alive: str = "30m",
+        verify: bool | str = True,
+    ) -> None:
+        self._model = model
+        self._keep_alive = keep_alive
+        self._client = build_client(base_url, timeout_s, verify=verify)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> OllamaProvider:
+        verify: bool | str = settings.ollama_cert_path or settings.ollama_verify_ssl
+        return cls(
+            base_url=settings.ollama_base_url,
+            model=settings.ollama_model,
+            timeout_s=settings.ollama_timeout,
+            keep_alive=settings.ollama_keep_alive,
+            verify=verify,
+        )
+
+    @property
+    def name(self) -> str:
+        return "ollama"
+
+    @property
+    def default_model(self) -> str:
+        return self._model
+
+    def _body(self, request: ChatRequest, *, stream: bool) -> dict[str, Any]:
+        return {
+            "model": request.model or self._model,
+            "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+            "stream": stream,
+            "options": {"temperature": request.temperature, "num_predict": request.max_tokens},
+            "keep_alive": self._keep_alive,
+        }
+
+    async def complete(self, request: ChatRequest) -> Completion:
+        body = self._body(request, stream=False)
+        with transport_errors(self.name):
+            response = await self._client.post("/api/chat", json=body)
+        raise_for_status(self.name, response)
+        data = parse_json(self.name, response.content)
+        if not isinstance(data, dict):
+            raise bad_shape(self.name, "answer is not an object", data)
+        if "error" in data:
+            raise self._error(data["error"])
+        return Completion(
+            text=_content(self.name, data),
+            model=_model(data, body["model"]),
+            provider=self.name,
+            usage=_usage(data),
+            finish_reason=_finish_reason(data),
+        )
+
+    async def stream(self, request: ChatRequest) -> AsyncGenerator[CompletionChunk, None]:
+        body = self._body(request, stream=True)
+        with transport_errors(self.name):
+            async with self._client.stream("POST", "/api/chat", json=body) as response:
+                if not response.is_success:
+                    await response.aread()
+                    raise_for_status(self.name, response)
+                async for line in response.aiter_lines():
+                    if not line.strip():
+                        continue
+                    data = parse_json(self.name, line)
+                    if not isinstance(data, dict):
+                        raise bad_shape(self.name, "stream line is not an object", data)
+                    if "error" in data:
+                        raise self._error(data["error"])
+                    model = _model(data, body["model"])
+                    text = _content(self.name, data)
+                    if data.get("done") is True:
+                        if text:
+                            yield CompletionChunk(text=text, model=model)
+                        yield CompletionChunk(
+                            model=model,
+                            usage=_usage(data),
+                            finish_reason=_finish_reason(data),
+                            done=True,
+                        )
+                        return
+                    if text:
+                        yield CompletionChunk(text=text, model=model)
+        raise ProviderUnavailable(self.name, "stream ended early (no line with done=true)")
+
+    async def list_models(self) -> list[str]:
+        data = await self._tags()
+        models = data.get("models")
+        if not isinstance(models, list):
+            raise bad_shape(self.name, "/api/tags has no models list", data)
+        names: list[str] = []
+        for entry in models:
+            if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+                names.append(entry["name"])
+        return names
+
+    async def check_health(self) -> None:
+        await self._tags()
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def _tags(self) -> dict[str, Any]:
+        with transport_errors(self.name):
+            response = await self._client.get("/api/tags")
+        raise_for_status(self.name, response)
+        data = parse_json(self.name, response.content)
+        if not isinstance(data, dict):
+            raise bad_shape(self.name, "/api/tags answer is not an object", data)
+        return data
+
+    def _error(self, error: Any) -> ProviderError:
+        """An `{"error": ...}` in a 200 answer: the model failed while running.
+
+        An unknown model will fail again on retry; anything else (the runner
+        crashed, ran out of memory) may well succeed on another attempt.
+        """
+        message = excerpt(str(error))
+        if "not found" in message.lower():
+            return ProviderBadRequest(self.name, message)
+        return ProviderUnavailable(self.name, message)
+
+
+def _content(provider: str, data: dict[str, Any]) -> str:
+    """`message.content` only: `message.thinking` is reasoning, never part of the reply."""
+    message = data.get("message")
+    if message is None and data.get("done") is True:
+        return ""
+    if not isinstance(message, dict):
+        raise bad_shape(provider, "answer has no message", data)
+    content = message.get("content", "")
+    if content is None:
+        return ""
+    if not isinstance(content, str):
+        raise ProviderBadOutput(provider, "message.content is not a string")
+    return content
+
+
+def _model(data: dict[str, Any], fallback: str) -> str:
+    model = data.get("model")
+    return model if isinstance(model, str) and model else fallback
+
+
+def _usage(data: dict[str, Any]) -> TokenUsage:
+    return TokenUsage(
+        prompt_tokens=as_int(data.get("prompt_eval_count")),
+        completion_tokens=as_int(data.get("eval_count")),
+    )
+
+
+def _finish_reason(data: dict[str, Any]) -> str | None:
+    reason = data.get("done_reason")
+    return reason if isinstance(reason, str) else None

@@ -1,0 +1,32 @@
+"""AMQP header names of the contract, and the error types that go in `x-error-type`."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+TRACEPARENT = "traceparent"
+
+ERROR = "x-error"
+ERROR_TYPE = "x-error-type"
+RETRY_COUNT = "x-retry-count"
+FIRST_FAILED_AT = "x-first-failed-at"
+LAST_FAILED_AT = "x-last-failed-at"
+ORIGINAL_QUEUE = "x-original-queue"
+# Ours (the contract allows additions): when a worker first received the event,
+# carried across retries so staleness counts from the first delivery, not the last.
+FIRST_RECEIVED_AT = "x-first-received-at"
+
+RETRY_HEADERS = (
+    ERROR, ERROR_TYPE, RETRY_COUNT, FIRST_FAILED_AT, LAST_FAILED_AT, ORIGINAL_QUEUE,
+    FIRST_RECEIVED_AT,
+)
+
+
+class ErrorType(StrEnum):
+    INVALID_JSON = "invalid_json"
+    INVALID_SCHEMA = "invalid_schema"
+    PROVIDER_FAILED = "provider_failed"
+    EMPTY_OUTPUT = "empty_output"
+    PUBLISH_FAILED = "publish_failed"
+    INTERNAL_ERROR = "internal_error"
+    STALE = "stale"

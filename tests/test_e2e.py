@@ -1,0 +1,481 @@
+"""End to end: events into the real `ai.interaction`, replies out of the real `ai.responses`.
+
+The worker runs in-process with real RabbitMQ and Redis; the AI is the fake
+Ollama/OpenAI server on loopback, so every failure can be injected at the
+HTTP level.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from broker.topology import Topology
+from config.settings import Settings
+from schemas import headers
+from tests.conftest import get_dead_letters, queue_depth, running_worker
+from tests.fake_provider import Behaviour, FakeProvider
+from worker.app import App
+from worker.client import RouterClient, make_event
+
+REPLY_TIMEOUT_S = 15.0
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeProvider]:
+    async with FakeProvider() as provider:
+        yield provider
+
+
+@pytest.fixture
+def ollama_settings(make_settings: Callable[..., Settings], fake: FakeProvider) -> Settings:
+    return make_settings(ai_provider="ollama", ollama_host=fake.url, ollama_timeout=2)
+
+
+async def no_reply_within(client: RouterClient, seconds: float) -> bool:
+    try:
+        await client.next_reply(seconds)
+    except TimeoutError:
+        return True
+    return False
+
+
+async def wait_until(condition: Callable[[], bool], timeout_s: float = REPLY_TIMEOUT_S) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not condition():  # noqa: ASYNC110 - polling a plain attribute of the fake
+            await asyncio.sleep(0.02)
+
+
+async def metric_value(app: App, name: str, **labels: str) -> float:
+    value = app.metrics.registry.get_sample_value(name, labels)
+    return value or 0.0
+
+
+async def test_hello_gets_one_reply_that_follows_the_contract(
+    ollama_settings: Settings, router_client: RouterClient, fake: FakeProvider
+) -> None:
+    fake.reply_text = "Hey Alice, welcome to the stream!"
+    event = make_event("hello everyone", community="c1", platform="twitch", channel="ch1",
+                       user="u1", display_name="Alice")
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    async with running_worker(ollama_settings):
+        await router_client.publish(event, headers={headers.TRACEPARENT: traceparent})
+        message = await router_client.next_reply(REPLY_TIMEOUT_S)
+
+    reply = orjson.loads(message.body)
+    assert message.routing_key == "twitch.c1"
+    assert message.correlation_id == event["event_id"]
+    assert message.message_id == f"reply:{event['event_id']}"
+    assert message.content_type == "application/json"
+    assert message.delivery_mode == 2
+    assert message.headers[headers.TRACEPARENT] == traceparent
+    assert reply["schema_version"] == 1
+    assert reply["event_id"] == event["event_id"]
+    assert reply["session_id"] == event["event_id"]  # defaults to the event id
+    assert (reply["community_id"], reply["platform"], reply["channel_id"], reply["user_id"]) == (
+        "c1", "twitch", "ch1", "u1")
+    assert reply["response_action"] == "chat"
+    assert reply["response"] == "🤖 Hey Alice, welcome to the stream!"
+    assert reply["trigger"] == "greeting"
+    assert reply["provider"] == "ollama"
+    assert reply["model"] == "llama3.2"
+    assert reply["usage"]["completion_tokens"] > 0
+    assert reply["usage"]["prompt_tokens"] > 0
+    assert reply["processing_time_ms"] >= 0
+    assert datetime.fromisoformat(reply["created_at"].replace("Z", "+00:00"))
+
+    sent = fake.last.json
+    assert sent["options"]["temperature"] == 0.7
+    assert sent["options"]["num_predict"] == 500
+    user_turn = sent["messages"][-1]
+    assert user_turn["role"] == "user"
+    assert "hello everyone" in user_turn["content"]
+    assert "<chat_message" in user_turn["content"]
+    assert "hello everyone" not in sent["messages"][0]["content"]
+
+
+async def test_messages_without_a_trigger_are_acked_with_no_reply(
+    ollama_settings: Settings, router_client: RouterClient, fake: FakeProvider,
+    topology: Topology,
+) -> None:
+    async with running_worker(ollama_settings) as app:
+        for text in ("this is fine", "which one", "they support it", "!so someone"):
+            await router_client.publish(make_event(text))
+        await router_client.publish(make_event("hi", user="bot", metadata={"is_bot": True}))
+        await router_client.publish(make_event("hi", user="nightbot"))
+        assert await no_reply_within(router_client, 1.5)
+        assert await metric_value(app, "waddle_ai_no_reply_total", reason="no_trigger") == 3
+        assert await metric_value(app, "waddle_ai_no_reply_total", reason="command") == 1
+        assert await metric_value(app, "waddle_ai_no_reply_total", reason="bot_message") == 2
+    assert fake.calls == 0
+    assert await queue_depth(topology.interaction_queue) == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "error_type"),
+    [
+        (b"not json at all", "invalid_json"),
+        (b"\xff\xfe\x00garbage", "invalid_json"),
+        (b"[1, 2, 3]", "invalid_schema"),
+        (orjson.dumps({"event_id": "x", "platform": "myspace"}), "invalid_schema"),
+        (b'{"schema_version": 1}' + b" " * 300_000, "invalid_schema"),
+    ],
+)
+async def test_bad_bodies_are_dead_lettered_at_once_with_the_reason(
+    ollama_settings: Settings, router_client: RouterClient, topology: Topology,
+    body: bytes, error_type: str,
+) -> None:
+    async with running_worker(ollama_settings) as app:
+        await router_client.publish(body, message_id="bad-1")
+        letters = await get_dead_letters(topology, 1)
+        # The worker is still answering afterwards.
+        await router_client.publish(make_event("hello there"))
+        await router_client.next_reply(REPLY_TIMEOUT_S)
+        assert await metric_value(app, "waddle_ai_dead_letters_total",
+                                  error_type=error_type) == 1
+    [letter] = letters
+    assert letter.body == body
+    assert letter.headers[headers.ERROR_TYPE] == error_type
+    assert letter.headers[headers.ERROR]
+    assert letter.headers[headers.RETRY_COUNT] == 0
+    assert letter.headers[headers.ORIGINAL_QUEUE] == topology.interaction_queue
+    assert letter.headers[headers.FIRST_FAILED_AT]
+    assert letter.headers[headers.LAST_FAILED_AT]
+    assert letter.message_id == "bad-1"
+
+
+async def test_an_event_delivered_twice_is_answered_once(
+    ollama_settings: Settings, router_client: RouterClient, fake: FakeProvider
+) -> None:
+    event = make_event("hello friends")
+    async with running_worker(ollama_settings):
+        await router_client.publish(event)
+        await router_client.next_reply(REPLY_TIMEOUT_S)
+        await router_client.publish(event)
+        await router_client.publish(event)
+        assert await no_reply_within(router_client, 1.5)
+    assert fake.calls == 1
+
+
+async def test_concurrent_copies_of_one_event_give_one_reply(
+    ollama_settings: Settings, router_client: RouterClient, fake: FakeProvider
+) -> None:
+    fake.latency_s = 0.5
+    event = make_event("hello friends")
+    async with running_worker(ollama_settings):
+        for _ in range(3):
+            await router_client.publish(event)
+        await router_client.next_reply(REPLY_TIMEOUT_S)
+        assert await no_reply_within(router_client, 2.0)
+    assert fake.calls == 1
+
+
+async def test_transient_provider_failures_are_retried_until_answered(
+    ollama_settings: Settings, router_client: RouterClient, fake: FakeProvider,
+    topology: Topology,
+) -> None:
+    fake.script = [Behaviour(status=500), Behaviour(garbage=True)]
+    async with running_worker(ollama_settings) as app:
+        await router_client.publish(make_event("hello?"))
+        message = await router_client.next_reply(REPLY_TIMEOUT_S)
+        assert await metric_value(app, "waddle_ai_retries_total", delay_ms="100",
+                                  error_type="provider_unavailable") == 1
+        assert await metric_value(app, "waddle_ai_retries_total", delay_ms="200",
+                                  error_type="provider_bad_output") == 1
+    assert orjson.loads(message.body)["response"].endswith("Hello there, friend!")
+    assert fake.calls == 3
+    assert await queue_depth(topology.dead_letter_queue) == 0
+
+
+async def test_a_stream_that_breaks_midway_is_retried(
+    ollama_settings: Settings, router_client: RouterClient, fake: FakeProvider
+) -> None:
+    fake.script = [Behaviour(midstream_error=True), Behaviour(truncate_stream=True)]
+    fake.reply_text = "All good now, welcome back everyone to the show"
+    async with running_worker(ollama_settings):
+        await router_client.publish(make_event("hey"))
+        message = await router_client.next_reply(REPLY_TIMEOUT_S)
+    # The reply is the complete answer, not pieces of the broken attempts.
+    assert orjson.loads(message.body)["response"] == (
+        "🤖 All good now, welcome back everyone to the show")
+    assert fake.calls == 3
+
+
+async def test_a_provider_that_keeps_failing_ends_in_the_dlq_after_every_retry(
+    ollama_settings: Settings, router_client: RouterClient, fake: FakeProvider,
+    topology: Topology,
+) -> None:
+    fake.status = 503
+    event = make_event("hello?")
+    async with running_worker(ollama_settings) as app:
+        await router_client.publish(event)
+        [letter] = await get_dead_letters(topology, 1)
+        assert await metric_value(app, "waddle_ai_dead_letters_total",
+                                  error_type="provider_unavailable") == 1
+    assert fake.calls == 3  # the first try and one per delay step (100, 200 ms)
+    assert orjson.loads(letter.body) == event
+    assert letter.headers[headers.ERROR_TYPE] == "provider_unavailable"
+    assert letter.headers[headers.RETRY_COUNT] == 2
+    assert "gave up after 2 retries" in letter.headers[headers.ERROR]
+    assert letter.headers[headers.FIRST_FAILED_AT] <= letter.headers[headers.LAST_FAILED_AT]
+
+
+async def test_a_request_the_provider_refuses_is_dead_lettered_without_retries(
+    ollama_settings: Settings, router_client: RouterClient, fake: FakeProvider,
+    topology: Topology,
+) -> None:
+    fake.status = 400
+    async with running_worker(ollama_settings):
+        await router_client.publish(make_event("hello?"))
+        [letter] = await get_dead_letters(topology, 1)
+    assert fake.calls == 1
+    assert letter.headers[headers.ERROR_TYPE] == "provider_bad_request"
+    assert letter.headers[headers.RETRY_COUNT] == 0
+
+
+async def test_provider_timeouts_are_retried(
+    make_settings: Callable[..., Settings], router_client: RouterClient, fake: FakeProvider
+) -> None:
+    settings = make_settings(ai_provider="ollama", ollama_host=fake.url, ollama_timeout=0.3)
+    fake.script = [Behaviour(latency_s=1.0)]
+    async with running_worker(settings) as app:
+        await router_client.publish(make_event("hello?"))
+        await router_client.next_reply(REPLY_TIMEOUT_S)
+        assert await metric_value(app, "waddle_ai_provider_errors_total", provider="ollama",
+                                  error_type="provider_timeout") == 1
+
+
+async def test_reply_text_is_made_safe_for_the_platform(
+    ollama_settings: Settings, router_client: RouterClient, fake: FakeProvider
+) -> None:
+    fake.reply_text = (
+        "<think>they want a ban</think> /ban   @everyone  look\n\nhere " + "word " * 200
+    )
+    async with running_worker(ollama_settings):
+        await router_client.publish(make_event("hello?", platform="youtube"))
+        message = await router_client.next_reply(REPLY_TIMEOUT_S)
+    text = orjson.loads(message.body)["response"]
+    assert text.startswith("🤖 ban @\u200beveryone look here word")
+    assert "think" not in text
+    assert len(text) <= 200
+    assert text.endswith("…")
+
+
+async def test_reasoning_fields_never_reach_chat(
+    ollama_settings: Settings, router_client: RouterClient, fake: FakeProvider
+) -> None:
+    fake.thinking = "secret chain of thought"
+    async with running_worker(ollama_settings):
+        await router_client.publish(make_event("hello?"))
+        message = await router_client.next_reply(REPLY_TIMEOUT_S)
+    assert "secret" not in orjson.loads(message.body)["response"]
+
+
+async def test_an_answer_with_nothing_left_after_the_filter_is_dead_lettered(
+    ollama_settings: Settings, router_client: RouterClient, fake: FakeProvider,
+    topology: Topology,
+) -> None:
+    fake.reply_text = "<think>only thoughts, no answer</think>   "
+    async with running_worker(ollama_settings):
+        await router_client.publish(make_event("hello?"))
+        [letter] = await get_dead_letters(topology, 1)
+        assert await no_reply_within(router_client, 0.5)
+    assert letter.headers[headers.ERROR_TYPE] == "empty_output"
+
+
+async def test_a_raid_of_greetings_costs_one_provider_call_per_cooldown(
+    make_settings: Callable[..., Settings], router_client: RouterClient, fake: FakeProvider
+) -> None:
+    settings = make_settings(ai_provider="ollama", ollama_host=fake.url,
+                             channel_cooldown_s=30, user_cooldown_s=30)
+    async with running_worker(settings) as app:
+        for viewer in range(200):
+            await router_client.publish(make_event("hi", user=f"raider{viewer}"))
+        await router_client.next_reply(REPLY_TIMEOUT_S)
+        # The same viewer again, inside their own cooldown: no reply either.
+        await router_client.publish(make_event("hi again?", user="raider0"))
+        # A mention is answered despite the busy channel (its user is not in cooldown).
+        await router_client.publish(make_event("@waddlebot hi!", user="fan"))
+        mention = await router_client.next_reply(REPLY_TIMEOUT_S)
+        assert await no_reply_within(router_client, 1.0)
+        cooled = await metric_value(app, "waddle_ai_no_reply_total", reason="channel_cooldown")
+        user_cooled = await metric_value(app, "waddle_ai_no_reply_total",
+                                         reason="user_cooldown")
+    assert orjson.loads(mention.body)["trigger"] == "mention"
+    assert fake.calls == 2
+    assert cooled == 199
+    assert user_cooled == 1
+
+
+async def test_the_conversation_is_remembered_per_user(
+    ollama_settings: Settings, router_client: RouterClient, fake: FakeProvider
+) -> None:
+    fake.reply_text = lambda messages: f"answer number {len(messages)}"
+    async with running_worker(ollama_settings):
+        await router_client.publish(make_event("what game is this?", user="ann"))
+        first = orjson.loads((await router_client.next_reply(REPLY_TIMEOUT_S)).body)
+        await router_client.publish(make_event("and who made it?", user="ann"))
+        await router_client.next_reply(REPLY_TIMEOUT_S)
+        await router_client.publish(make_event("what is this?", user="bob"))
+        await router_client.next_reply(REPLY_TIMEOUT_S)
+
+    ann_second, bob_first = fake.requests[1].json["messages"], fake.requests[2].json["messages"]
+    roles = [m["role"] for m in ann_second]
+    assert roles == ["system", "user", "assistant", "user"]
+    assert "what game is this?" in ann_second[1]["content"]
+    assert ann_second[2]["content"] == first["response"].removeprefix("🤖 ")
+    assert "and who made it?" in ann_second[3]["content"]
+    assert [m["role"] for m in bob_first] == ["system", "user"]
+
+
+async def test_events_are_celebrated_with_their_details(
+    ollama_settings: Settings, router_client: RouterClient, fake: FakeProvider
+) -> None:
+    async with running_worker(ollama_settings):
+        await router_client.publish(make_event("", message_type="raid", user="bigstreamer",
+                                               metadata={"viewers": 420}))
+        message = await router_client.next_reply(REPLY_TIMEOUT_S)
+    assert orjson.loads(message.body)["trigger"] == "event"
+    system = fake.last.json["messages"][0]["content"]
+    assert "420" in system
+
+
+async def test_stale_events_get_no_reply_and_are_acked(
+    ollama_settings: Settings, router_client: RouterClient, fake: FakeProvider,
+    topology: Topology,
+) -> None:
+    event = make_event("hello?")
+    event["sent_at"] = (datetime.now(UTC) - timedelta(minutes=10)).isoformat()
+    async with running_worker(ollama_settings) as app:
+        await router_client.publish(event)
+        assert await no_reply_within(router_client, 1.0)
+        assert await metric_value(app, "waddle_ai_no_reply_total", reason="stale") == 1
+    assert fake.calls == 0
+    assert await queue_depth(topology.interaction_queue) == 0
+    assert await queue_depth(topology.dead_letter_queue) == 0
+
+
+async def test_in_flight_work_is_bounded_by_max_concurrent_requests(
+    make_settings: Callable[..., Settings], router_client: RouterClient, fake: FakeProvider
+) -> None:
+    settings = make_settings(ai_provider="ollama", ollama_host=fake.url,
+                             max_concurrent_requests=3, prefetch_count=10)
+    fake.latency_s = 0.3
+    async with running_worker(settings):
+        for viewer in range(9):
+            await router_client.publish(make_event("hello?", user=f"v{viewer}",
+                                                   channel=f"c{viewer}"))
+        for _ in range(9):
+            await router_client.next_reply(REPLY_TIMEOUT_S)
+    assert fake.max_in_flight == 3
+
+
+async def test_works_without_redis_on_process_memory(
+    make_settings: Callable[..., Settings], router_client: RouterClient, fake: FakeProvider
+) -> None:
+    settings = make_settings(ai_provider="ollama", ollama_host=fake.url, redis_url=None)
+    event = make_event("hello everyone")
+    async with running_worker(settings) as app:
+        assert app.store.backend == "memory"
+        await router_client.publish(event)
+        await router_client.next_reply(REPLY_TIMEOUT_S)
+        await router_client.publish(event)
+        assert await no_reply_within(router_client, 1.0)
+    assert fake.calls == 1
+
+
+async def test_waddleai_provider_answers_with_key_and_preferred_model(
+    make_settings: Callable[..., Settings], router_client: RouterClient, fake: FakeProvider
+) -> None:
+    settings = make_settings(ai_provider="waddleai", waddleai_base_url=fake.url,
+                             waddleai_api_key="sk-test", waddleai_preferred_model="big")
+    async with running_worker(settings):
+        await router_client.publish(make_event("hello?"))
+        message = await router_client.next_reply(REPLY_TIMEOUT_S)
+    assert orjson.loads(message.body)["provider"] == "waddleai"
+    request = fake.last
+    assert request.path == "/v1/chat/completions"
+    assert request.headers["Authorization"] == "Bearer sk-test"
+    assert request.headers["X-Preferred-Model"] == "big"
+
+
+async def test_fallback_provider_answers_when_the_primary_fails(
+    make_settings: Callable[..., Settings], router_client: RouterClient, fake: FakeProvider
+) -> None:
+    async with FakeProvider() as backup:
+        backup.reply_text = "backup here"
+        fake.status = 503
+        settings = make_settings(ai_provider="ollama", ollama_host=fake.url,
+                                 ai_fallback_providers="waddleai",
+                                 waddleai_base_url=backup.url)
+        async with running_worker(settings):
+            await router_client.publish(make_event("hello?"))
+            reply = orjson.loads((await router_client.next_reply(REPLY_TIMEOUT_S)).body)
+    assert reply["provider"] == "waddleai"
+    assert reply["response"] == "🤖 backup here"
+
+
+async def test_sidecar_serves_health_readiness_and_metrics(
+    ollama_settings: Settings, router_client: RouterClient
+) -> None:
+    async with running_worker(ollama_settings) as app:
+        await router_client.publish(make_event("hello?"))
+        await router_client.next_reply(REPLY_TIMEOUT_S)
+        assert app.sidecar is not None
+        base = f"http://127.0.0.1:{app.sidecar.bound_port}"
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{base}/healthz") as response:
+                assert response.status == 200
+            async with http.get(f"{base}/readyz") as response:
+                assert response.status == 200
+                ready: dict[str, Any] = await response.json()
+            async with http.get(f"{base}/metrics") as response:
+                assert response.status == 200
+                metrics = await response.text()
+            assert app.consumer is not None
+            await app.consumer.stop(1.0)
+            async with http.get(f"{base}/readyz") as response:
+                assert response.status == 503
+                assert (await response.json())["consumer"]["attached"] is False
+    assert ready["consumer"]["attached"] is True
+    assert ready["broker"]["connected"] is True
+    assert ready["state"] == {"backend": "redis", "ok": True}
+    assert ready["providers"]["ollama"]["ok"] is True
+    assert 'waddle_ai_replies_total{provider="ollama",trigger="question"} 1.0' in metrics
+    assert 'waddle_ai_events_received_total{message_type="chatMessage"} 1.0' in metrics
+    assert "waddle_ai_provider_latency_seconds_bucket" in metrics
+    assert "waddle_ai_in_flight 0.0" in metrics
+
+
+async def test_session_id_is_carried_to_the_reply(
+    ollama_settings: Settings, router_client: RouterClient
+) -> None:
+    event = make_event("hello?")
+    event["session_id"] = f"session-{uuid.uuid4().hex}"
+    event["some_future_field"] = {"ignored": True}
+    async with running_worker(ollama_settings):
+        await router_client.publish(event)
+        reply = orjson.loads((await router_client.next_reply(REPLY_TIMEOUT_S)).body)
+    assert reply["session_id"] == event["session_id"]
+
+
+async def test_stopping_lets_in_flight_events_finish(
+    ollama_settings: Settings, router_client: RouterClient, fake: FakeProvider,
+    topology: Topology,
+) -> None:
+    fake.latency_s = 1.0
+    app = await App.build(ollama_settings)
+    await app.start()
+    await router_client.publish(make_event("hello?"))
+    await wait_until(lambda: fake.calls > 0)
+    assert await app.stop() is True
+    message = await router_client.next_reply(REPLY_TIMEOUT_S)
+    assert orjson.loads(message.body)["response"].endswith("Hello there, friend!")
+    assert await queue_depth(topology.interaction_queue) == 0

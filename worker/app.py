@@ -1,0 +1,257 @@
+"""The composition root: every part of the worker is built here and passed down.
+
+Nothing else constructs clients, stores or providers, so a test can build an
+`App` from its own `Settings` (a random queue prefix, a fake provider URL) and
+run it in-process, and two apps in one process never share state.
+
+Start order follows the data flow backwards: state and providers first, then
+the publishers, then the consumer, so the first event finds everything ready.
+Stop order is the reverse: stop taking work, drain, then close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from contextlib import suppress
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+
+from broker.topology import Topology
+from config.community import CommunityConfigSource, EnvCommunityConfig
+from config.settings import ProviderName, Settings
+from consumers.interaction import InteractionConsumer
+from consumers.pipeline import InteractionPipeline, PipelineOptions
+from context.memory_store import MemoryStateStore
+from context.redis_store import RedisStateStore
+from context.store import StateStore
+from providers.base import Provider
+from providers.factory import build_provider
+from providers.local import LocalModel
+from providers.router import ProviderRouter
+from publishers.failures import FailurePublisher
+from publishers.replies import ReplyPublisher
+from worker.metrics import Metrics
+from worker.sidecar import Sidecar
+
+log = logging.getLogger(__name__)
+
+HEALTH_CACHE_S = 10.0
+CHECK_TIMEOUT_S = 2.0
+
+
+def topology_for(settings: Settings) -> Topology:
+    return Topology(
+        prefix=settings.queue_prefix,
+        retry_delays_ms=tuple(settings.retry_delays_ms),
+        delivery_limit=settings.delivery_limit,
+    )
+
+
+def provider_timeout_s(settings: Settings, name: ProviderName) -> float:
+    return {
+        ProviderName.LOCAL: settings.local_timeout,
+        ProviderName.OLLAMA: settings.ollama_timeout,
+        ProviderName.WADDLEAI: settings.waddleai_timeout,
+    }[name]
+
+
+def build_store(settings: Settings) -> StateStore:
+    if settings.redis_url:
+        return RedisStateStore.from_url(settings.redis_url, key_prefix=settings.redis_key_prefix)
+    return MemoryStateStore(max_conversations=settings.memory_max_conversations)
+
+
+async def build_router(
+    settings: Settings, metrics: Metrics, local_model: LocalModel | None
+) -> tuple[ProviderRouter, LocalModel | None]:
+    """Every provider the settings name (primary and fallbacks), each built once."""
+    names = [settings.ai_provider, *settings.ai_fallback_providers]
+    if ProviderName.LOCAL in names and local_model is None:
+        local_model = await LocalModel.aload_from_settings(settings)
+    providers: dict[ProviderName, Provider] = {
+        name: build_provider(name, settings, local_model=local_model) for name in names
+    }
+    return ProviderRouter(providers, metrics), local_model
+
+
+class App:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        metrics: Metrics,
+        store: StateStore,
+        router: ProviderRouter,
+        community_config: CommunityConfigSource,
+        owns_local_model: LocalModel | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.store = store
+        self.router = router
+        self.community_config = community_config
+        self.topology = topology_for(settings)
+        self._owned_model = owns_local_model
+        self._consume_connection: AbstractRobustConnection | None = None
+        self._publish_connection: AbstractRobustConnection | None = None
+        self.consumer: InteractionConsumer | None = None
+        self.sidecar: Sidecar | None = None
+        self._health: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._stopped = asyncio.Event()
+
+    @classmethod
+    async def build(cls, settings: Settings, *, local_model: LocalModel | None = None) -> App:
+        """Build from settings; pass a loaded `local_model` to share one across apps (tests)."""
+        metrics = Metrics()
+        router, loaded = await build_router(settings, metrics, local_model)
+        return cls(
+            settings,
+            metrics=metrics,
+            store=build_store(settings),
+            router=router,
+            community_config=EnvCommunityConfig(settings),
+            owns_local_model=loaded if local_model is None else None,
+        )
+
+    async def start(self) -> None:
+        s = self.settings
+        self._publish_connection = await aio_pika.connect_robust(
+            s.amqp_url, client_properties={"connection_name": "waddle-ai publish"})
+        publish_channel = await self._publish_connection.channel(
+            publisher_confirms=True, on_return_raises=True)
+        await self._declare_topology()
+
+        pipeline = InteractionPipeline(
+            config=self.community_config,
+            store=self.store,
+            providers=self.router,
+            replies=await ReplyPublisher.open(publish_channel, self.topology.responses_exchange),
+            metrics=self.metrics,
+            options=PipelineOptions(
+                max_event_age_s=s.max_event_age_s,
+                lease_ms=int((self._longest_provider_timeout() + 15) * 1000),
+                history_ttl_s=s.history_ttl_s,
+                dedupe_ttl_s=s.dedupe_ttl_s,
+            ),
+        )
+        self.consumer = InteractionConsumer(
+            queue_name=self.topology.interaction_queue,
+            queue_arguments=self.topology.interaction_arguments(),
+            pipeline=pipeline,
+            failures=await FailurePublisher.open(publish_channel, self.topology),
+            metrics=self.metrics,
+            max_concurrent=s.max_concurrent_requests,
+            retry_delays_ms=s.retry_delays_ms,
+        )
+        self.sidecar = Sidecar(
+            host=s.sidecar_host, port=s.sidecar_port, metrics=self.metrics,
+            readiness=self.readiness,
+        )
+        await self.sidecar.start()
+
+        self._consume_connection = await aio_pika.connect_robust(
+            s.amqp_url, client_properties={"connection_name": "waddle-ai consume"})
+        consume_channel = await self._consume_connection.channel()
+        await consume_channel.set_qos(prefetch_count=s.prefetch_count)
+        await self.consumer.attach(consume_channel)
+        log.info("worker started", extra={
+            "action": "start", "provider": s.ai_provider.value, "state": self.store.backend,
+            "queue": self.topology.interaction_queue, "sidecar_port": self.sidecar.bound_port,
+            "max_concurrent": s.max_concurrent_requests, "prefetch": s.prefetch_count})
+
+    async def _declare_topology(self) -> None:
+        assert self._publish_connection is not None
+        # A channel of its own: a refused declaration closes the channel it ran on.
+        channel: AbstractChannel = await self._publish_connection.channel()
+        try:
+            await self.topology.declare(channel)
+        finally:
+            with suppress(Exception):
+                await channel.close()
+
+    def _longest_provider_timeout(self) -> float:
+        return max(provider_timeout_s(self.settings, name) for name in self.router.providers)
+
+    async def stop(self) -> bool:
+        """Drain and close; True when every in-flight event finished within the grace time."""
+        drained = True
+        if self.consumer is not None:
+            drained = await self.consumer.stop(self.settings.shutdown_grace_s)
+        for connection in (self._consume_connection, self._publish_connection):
+            if connection is not None:
+                with suppress(Exception):
+                    await connection.close()
+        if self.sidecar is not None:
+            await self.sidecar.stop()
+        await self.router.aclose()
+        if self._owned_model is not None:
+            await self._owned_model.aclose()
+        await self.store.aclose()
+        self._stopped.set()
+        log.info("worker stopped", extra={"action": "stop", "drained": drained})
+        return drained
+
+    async def run_until_signalled(self) -> bool:
+        """`waddle-ai run`: start, serve until SIGTERM/SIGINT, then drain and stop."""
+        loop = asyncio.get_running_loop()
+        stop_requested = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop_requested.set)
+        try:
+            await self.start()
+            await stop_requested.wait()
+            log.info("stop requested; draining", extra={"action": "stop"})
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
+            drained = await self.stop()
+        return drained
+
+    async def readiness(self) -> tuple[bool, dict[str, Any]]:
+        attached = self.consumer is not None and self.consumer.attached
+        broker_open = all(
+            c is not None and not c.is_closed
+            for c in (self._consume_connection, self._publish_connection)
+        )
+        state = await self._cached("state", self._check_state)
+        providers = {
+            name.value: await self._cached(f"provider:{name.value}",
+                                           lambda p=provider: _check_provider(p))
+            for name, provider in self.router.providers.items()
+        }
+        return attached, {
+            "consumer": {"attached": attached},
+            "broker": {"connected": broker_open},
+            "state": state,
+            "providers": providers,
+        }
+
+    async def _check_state(self) -> dict[str, Any]:
+        try:
+            await asyncio.wait_for(self.store.ping(), CHECK_TIMEOUT_S)
+        except Exception as exc:
+            return {"backend": self.store.backend, "ok": False, "error": repr(exc)}
+        return {"backend": self.store.backend, "ok": True}
+
+    async def _cached(self, key: str, check: Any) -> dict[str, Any]:
+        """Readiness is probed every few seconds; backends are asked at most every 10 s."""
+        now = time.monotonic()
+        hit = self._health.get(key)
+        if hit is not None and now - hit[0] < HEALTH_CACHE_S:
+            return hit[1]
+        result: dict[str, Any] = await check()
+        self._health[key] = (now, result)
+        return result
+
+
+async def _check_provider(provider: Provider) -> dict[str, Any]:
+    try:
+        await asyncio.wait_for(provider.check_health(), CHECK_TIMEOUT_S)
+    except Exception as exc:
+        return {"ok": False, "error": str(exc) or repr(exc)}
+    return {"ok": True, "model": provider.default_model}

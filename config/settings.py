@@ -126,6 +126,10 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     config_encryption_key: str | None = None
 
+    # Test-only fault injection: a worker that receives a body containing this
+    # text dies on the spot (os._exit), as a crash would. Never set in production.
+    waddle_test_crash_marker: str | None = None
+
     log_level: str = "INFO"
     log_format: LogFormat = LogFormat.JSON
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from collections.abc import Sequence
@@ -27,6 +28,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from aiormq.exceptions import ChannelInvalidStateError
 
 from consumers.pipeline import (
     Deferred,
@@ -74,6 +76,7 @@ class InteractionConsumer:
         metrics: Metrics,
         max_concurrent: int,
         retry_delays_ms: Sequence[int],
+        crash_marker: bytes | None = None,
     ) -> None:
         self._queue_name = queue_name
         self._queue_arguments = queue_arguments
@@ -82,6 +85,7 @@ class InteractionConsumer:
         self._metrics = metrics
         self._slots = asyncio.Semaphore(max_concurrent)
         self._delays = tuple(retry_delays_ms)
+        self._crash_marker = crash_marker
         self._queue: AbstractQueue | None = None
         self._consumer_tag: str | None = None
         self._stopping = False
@@ -160,6 +164,11 @@ class InteractionConsumer:
             self._metrics.handling.labels(label).observe(time.perf_counter() - started)
 
     async def _handle(self, message: AbstractIncomingMessage) -> str:
+        if self._crash_marker and self._crash_marker in message.body:
+            # Test-only (WADDLE_TEST_CRASH_MARKER): die as a segfault or OOM kill would,
+            # with the delivery unacked, to prove the delivery limit ends the loop.
+            log.critical("crash marker received; exiting", extra={"action": "crash_hook"})
+            os._exit(70)
         try:
             event = parse_event(message.body)
         except EventError as exc:
@@ -253,6 +262,12 @@ class InteractionConsumer:
         return "requeued"
 
     async def _ack(self, message: AbstractIncomingMessage) -> None:
+        if _channel_gone(message):
+            # Its channel died: the broker already took the delivery back and
+            # will redeliver it; an ack now would fail or, worse, hit a new channel.
+            log.info("delivery's channel is gone; it will be redelivered",
+                     extra={"action": "settle", "message_id": message.message_id})
+            return
         await self._settle_safely(message.ack())
 
     @staticmethod
@@ -263,6 +278,13 @@ class InteractionConsumer:
         except Exception as exc:
             log.warning("could not settle a delivery; the broker will redeliver it",
                         extra={"action": "settle", "error": repr(exc)})
+
+
+def _channel_gone(message: AbstractIncomingMessage) -> bool:
+    try:
+        return bool(message.channel.is_closed)
+    except ChannelInvalidStateError:
+        return True
 
 
 def _first_received_at(message_headers: dict[str, Any]) -> datetime:

@@ -133,6 +133,7 @@ class InteractionPipeline:
             history_turns=profile.history_turns,
         ))
         if admission.verdict is Verdict.ALREADY_ANSWERED:
+            self._metrics.dedupe_hits.inc()
             return Skipped("duplicate")
         if admission.verdict is Verdict.IN_FLIGHT_ELSEWHERE:
             return Deferred("in_flight_elsewhere")

@@ -147,6 +147,8 @@ class App:
             metrics=self.metrics,
             max_concurrent=s.max_concurrent_requests,
             retry_delays_ms=s.retry_delays_ms,
+            crash_marker=(s.waddle_test_crash_marker.encode()
+                          if s.waddle_test_crash_marker else None),
         )
         self.sidecar = Sidecar(
             host=s.sidecar_host, port=s.sidecar_port, metrics=self.metrics,

@@ -52,6 +52,24 @@ class Metrics:
         self.state_errors = Counter(
             "waddle_ai_state_errors", "Conversation-state operations that failed.",
             ["operation"], registry=r)
+        self.circuit_state = Gauge(
+            "waddle_ai_circuit_state",
+            "Circuit breaker per provider: 0 closed, 1 half-open, 2 open.",
+            ["provider"], registry=r)
+        self.fallbacks = Counter(
+            "waddle_ai_fallbacks", "Answers given by a fallback because the primary failed.",
+            ["primary", "fallback"], registry=r)
+        self.broker_reconnects = Counter(
+            "waddle_ai_broker_reconnects", "Broker connections re-established.",
+            ["connection"], registry=r)
+        self.state_degraded = Gauge(
+            "waddle_ai_state_degraded",
+            "1 while Redis is unreachable and state falls back to process memory.",
+            registry=r)
+        self.dedupe_hits = Counter(
+            "waddle_ai_dedupe_hits",
+            "Deliveries of events already answered (acked without a second reply).",
+            registry=r)
         self.consumer_up = Gauge(
             "waddle_ai_consumer_up", "1 while the consumer is attached to the queue.",
             registry=r)

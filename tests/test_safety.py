@@ -182,6 +182,15 @@ def test_trim_on_a_word_boundary() -> None:
     assert trim_to_limit("one, two three", 7) == "one" + ELLIPSIS
 
 
+def test_trim_prefers_a_whole_sentence_near_the_limit() -> None:
+    text = "Welcome in, friend! Great to see you here today. We are playing some games"
+    assert trim_to_limit(text, 60) == "Welcome in, friend! Great to see you here today."
+    # A sentence end too early would waste the budget: cut on a word instead.
+    assert trim_to_limit("Hi. " + "word " * 20, 50).endswith("word" + ELLIPSIS)
+    # The sentence end must fit: a full stop right at the limit is not taken.
+    assert trim_to_limit("aaaa bbbb. cccc", 9) == "aaaa" + ELLIPSIS
+
+
 def test_trim_hard_cuts_a_word_longer_than_the_budget() -> None:
     assert trim_to_limit("a" * 30, 10) == "a" * 9 + ELLIPSIS
     assert trim_to_limit("hi " + "b" * 30, 10) == "hi " + "b" * 6 + ELLIPSIS

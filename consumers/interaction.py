@@ -44,6 +44,7 @@ from publishers.failures import Failure, FailurePublisher, retry_count
 from schemas import headers
 from schemas.events import EventError, parse_event
 from schemas.headers import ErrorType
+from worker.logs import bind
 from worker.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -185,19 +186,22 @@ class InteractionConsumer:
             first_received_at=_first_received_at(message_headers),
             traceparent=_text(message_headers.get(headers.TRACEPARENT)),
         )
-        try:
-            outcome = await self._pipeline.handle(event, delivery)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.exception("event handling crashed", extra={
-                "action": "handle", "event_id": event.event_id})
-            outcome = Failed(Failure(ErrorType.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}"),
-                             retryable=True)
-        log.info("event handled", extra={
-            "action": "handle", "event_id": event.event_id, "community": event.community_id,
-            "result": _describe(outcome)})
-        return await self._settle(message, delivery, outcome)
+        with bind(event_id=event.event_id, community=event.community_id, user=event.user_id,
+                  platform=event.platform.value, traceparent=delivery.traceparent):
+            started = time.perf_counter()
+            try:
+                outcome = await self._pipeline.handle(event, delivery)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.exception("event handling crashed", extra={"action": "handle"})
+                outcome = Failed(
+                    Failure(ErrorType.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}"),
+                    retryable=True)
+            log.info("event handled", extra={
+                "action": "handle", "result": _describe(outcome),
+                "execution_time": round((time.perf_counter() - started) * 1000, 1)})
+            return await self._settle(message, delivery, outcome)
 
     async def _settle(
         self, message: AbstractIncomingMessage, delivery: Delivery, outcome: Outcome

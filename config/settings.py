@@ -117,6 +117,9 @@ class Settings(BaseSettings):
         default_factory=lambda: [1000, 2000, 4000, 8000, 16000]
     )
     delivery_limit: int = Field(default=10, ge=1, le=1000)
+    # Circuit breaker per provider: this many consecutive failures skip it for CIRCUIT_OPEN_S.
+    circuit_failure_threshold: int = Field(default=5, ge=1, le=1000)
+    circuit_open_s: float = Field(default=60.0, gt=0, le=3600)
     max_event_age_s: float = Field(default=120.0, gt=0)
     shutdown_grace_s: float = Field(default=25.0, ge=0, le=3600)
 

@@ -25,6 +25,7 @@ from context.store import (
     Verdict,
 )
 from providers.base import ChatRequest
+from providers.breaker import CircuitOpen
 from providers.errors import ProviderError, ProviderRateLimited
 from providers.router import ProviderRouter
 from publishers.confirm import PublishFailed
@@ -176,7 +177,10 @@ class InteractionPipeline:
         try:
             completion = await self._providers.complete(chain, request)
         except ProviderError as exc:
-            retry_after = exc.retry_after_s if isinstance(exc, ProviderRateLimited) else None
+            # A provider's Retry-After, or an open circuit's time left: retrying
+            # sooner would only spend the event's retry budget on a refusal.
+            retry_after = (exc.retry_after_s if isinstance(exc, ProviderRateLimited | CircuitOpen)
+                           else None)
             return Failed(Failure(exc.error_type, str(exc)), exc.retryable, retry_after)
 
         text = make_safe(

@@ -4,6 +4,13 @@ A retryable failure of one provider moves on to the next in the chain; a
 request the backend refuses (`ProviderBadRequest`) is not sent elsewhere,
 since the next backend would most likely refuse it too and the event belongs
 in the DLQ. The error of the last provider tried is raised when none answers.
+
+Each provider has a circuit breaker (`providers.breaker`): while a provider's
+circuit is open it is skipped without a request, as if it had failed with
+`ProviderUnavailable("circuit open")` (a `CircuitOpen`). So a dead primary
+costs each event nothing instead of a full timeout, and when every circuit of
+the chain is open the event goes straight back to the retry delay queues,
+with `retry_after_s` saying when the first circuit lets a probe through.
 """
 
 from __future__ import annotations
@@ -14,6 +21,13 @@ from collections.abc import Mapping, Sequence
 
 from config.settings import ProviderName
 from providers.base import ChatRequest, Completion, Provider, collect
+from providers.breaker import (
+    DEFAULT_FAILURE_THRESHOLD,
+    DEFAULT_OPEN_S,
+    CircuitBreaker,
+    CircuitOpen,
+    Clock,
+)
 from providers.errors import ProviderError
 from worker.metrics import Metrics
 
@@ -21,9 +35,24 @@ log = logging.getLogger(__name__)
 
 
 class ProviderRouter:
-    def __init__(self, providers: Mapping[ProviderName, Provider], metrics: Metrics) -> None:
+    def __init__(
+        self,
+        providers: Mapping[ProviderName, Provider],
+        metrics: Metrics,
+        *,
+        failure_threshold: int = DEFAULT_FAILURE_THRESHOLD,
+        open_s: float = DEFAULT_OPEN_S,
+        clock: Clock = time.monotonic,
+    ) -> None:
         self._providers = dict(providers)
         self._metrics = metrics
+        self._breakers = {
+            name: CircuitBreaker(
+                provider.name, failure_threshold=failure_threshold, open_s=open_s,
+                clock=clock, metrics=metrics,
+            )
+            for name, provider in self._providers.items()
+        }
 
     @property
     def providers(self) -> Mapping[ProviderName, Provider]:
@@ -38,6 +67,14 @@ class ProviderRouter:
                 f"(configured: {', '.join(p.value for p in self._providers)})"
             ) from None
 
+    def breaker(self, name: ProviderName) -> CircuitBreaker:
+        self.get(name)  # the same LookupError for an unknown name
+        return self._breakers[name]
+
+    def breaker_state(self, name: ProviderName) -> str:
+        """`closed`, `half_open` or `open`, for /readyz."""
+        return self.breaker(name).state.label
+
     async def complete(
         self, chain: Sequence[ProviderName], request: ChatRequest
     ) -> Completion:
@@ -45,12 +82,28 @@ class ProviderRouter:
         if not chain:
             raise ValueError("no provider to ask")
         last_error: ProviderError | None = None
+        waits: list[float] = []
         for position, name in enumerate(chain):
             provider = self.get(name)
+            breaker = self._breakers[name]
+            ticket = breaker.allow()
+            if ticket is None:
+                # Debug only: while a circuit is open this happens on every
+                # event, and the transition itself was logged once.
+                log.debug("provider skipped: circuit open", extra={
+                    "action": "provider_call", "provider": provider.name,
+                    "error_type": CircuitOpen.error_type})
+                waits.append(breaker.retry_in_s())
+                # A wait is worth announcing only while no provider of the
+                # chain was actually asked: one that was may answer any time.
+                all_refused = len(waits) == position + 1
+                last_error = CircuitOpen(provider.name, min(waits) if all_refused else None)
+                continue
             started = time.perf_counter()
             try:
-                completion = await collect(
-                    provider, request if position == 0 else _without_model(request))
+                with ticket:
+                    completion = await collect(
+                        provider, request if position == 0 else _without_model(request))
             except ProviderError as exc:
                 self._metrics.provider_errors.labels(provider.name, exc.error_type).inc()
                 last_error = exc
@@ -62,6 +115,12 @@ class ProviderRouter:
                 continue
             self._metrics.provider_latency.labels(provider.name).observe(
                 time.perf_counter() - started)
+            if position > 0:
+                primary = self.get(chain[0]).name
+                self._metrics.fallbacks.labels(primary, provider.name).inc()
+                log.info("answered by a fallback provider", extra={
+                    "action": "fallback", "provider": provider.name, "primary": primary,
+                    "error_type": last_error.error_type if last_error else None})
             return completion
         assert last_error is not None
         raise last_error

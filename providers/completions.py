@@ -1,0 +1,613 @@
+"""The OpenAI-compatible completions core, shared by the HTTP API and the AMQP RPC.
+
+Both transports must accept the same requests, route the same model names and
+fail with the same error bodies, or a client moving from HTTP to RPC would
+meet a different API. So everything except bytes-on-the-wire lives here:
+request validation and its limits, model routing, calling the providers,
+and the OpenAI shapes of answers, stream chunks and errors.
+
+Non-streamed answers go through `ProviderRouter.complete()` (fallback chain,
+circuit breakers). Streamed answers cannot: the router collects the whole
+answer before returning. `stream()` therefore walks the chain itself, and may
+move to the next provider only until the first piece of text exists; after
+that the client has seen part of one provider's answer, and an error can only
+end the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+import uuid
+import weakref
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
+
+from config.settings import ProviderName
+from providers.base import ChatMessage, ChatRequest, CompletionChunk, Provider, TokenUsage
+from providers.errors import (
+    ProviderBadOutput,
+    ProviderBadRequest,
+    ProviderError,
+    ProviderRateLimited,
+    ProviderTimeout,
+    ProviderUnavailable,
+)
+from providers.router import ProviderRouter
+from worker.metrics import PROVIDER_BUCKETS, Metrics
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 256 * 1024
+MAX_MESSAGES = 100
+MAX_CONTENT_CHARS = 32 * 1024
+DEFAULT_MODELS_TTL_S = 3600.0
+# A provider whose listing failed is asked again this much sooner than the TTL:
+# an Ollama restarted a minute ago should not be missing from /v1/models for an hour.
+FAILED_LISTING_RETRY_S = 30.0
+# Listing models is a side errand of a completion request; it must not eat its time.
+LIST_MODELS_TIMEOUT_S = 10.0
+AUTO_MODEL = "auto"
+FINISH_REASONS = frozenset({"stop", "length", "content_filter", "tool_calls"})
+
+# Error codes of our own validators; any other pydantic error is `invalid_request`.
+# (The set is closed so it can label a metric.)
+_CUSTOM_CODES = frozenset({
+    "too_many_messages", "content_too_long", "unsupported_n", "unsupported_content",
+})
+
+
+# -- errors ------------------------------------------------------------------
+
+
+class CompletionError(Exception):
+    """A failure the client sees as an OpenAI error body with an HTTP status.
+
+    The RPC transport sends the same body and names the status in a header,
+    so both transports fail identically.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str,
+        code: str,
+        param: str | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.code = code
+        self.param = param
+        self.retry_after_s = retry_after_s
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {
+            "message": self.message, "type": self.type, "param": self.param, "code": self.code,
+        }}
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after_s is None:
+            return {}
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
+
+
+def invalid_request(
+    message: str, *, code: str = "invalid_request", param: str | None = None, status: int = 400
+) -> CompletionError:
+    return CompletionError(status, message, type="invalid_request_error", code=code, param=param)
+
+
+def internal_error() -> CompletionError:
+    """For bugs: the client learns nothing of the internals, the log has the traceback."""
+    return CompletionError(500, "internal error; see the worker's logs",
+                           type="server_error", code="internal_error")
+
+
+def provider_error(exc: ProviderError, secrets: Sequence[str] = ()) -> CompletionError:
+    """Map a provider's typed failure to what an OpenAI client expects.
+
+    Only the refusals (bad request, rate limit) carry the backend's text, since
+    the client can act on it; outages say which provider and what kind, and
+    leave hosts and bodies to the log.
+    """
+    detail = scrub(str(exc), secrets)
+    if isinstance(exc, ProviderBadRequest):
+        return CompletionError(400, f"the AI provider refused the request: {detail}",
+                               type="invalid_request_error", code="provider_bad_request")
+    if isinstance(exc, ProviderRateLimited):
+        return CompletionError(429, f"the AI provider is rate limited: {detail}",
+                               type="rate_limit_error", code="rate_limit_exceeded",
+                               retry_after_s=exc.retry_after_s)
+    if isinstance(exc, ProviderTimeout):
+        return CompletionError(504, f"the AI provider {exc.provider!r} timed out",
+                               type="server_error", code="provider_timeout")
+    if isinstance(exc, ProviderBadOutput):
+        return CompletionError(502, f"the AI provider {exc.provider!r} sent an answer "
+                               "that does not follow its protocol",
+                               type="api_error", code="provider_bad_output")
+    if isinstance(exc, ProviderUnavailable):
+        return CompletionError(503, f"the AI provider {exc.provider!r} is unavailable; "
+                               "try again later",
+                               type="server_error", code="provider_unavailable")
+    return CompletionError(502, f"the AI provider {exc.provider!r} failed",
+                           type="api_error", code="provider_failed")
+
+
+def scrub(text: str, secrets: Sequence[str]) -> str:
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+# -- the request ---------------------------------------------------------------
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: str
+    text: str | None = None
+
+
+class RequestMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    # `developer` is what newer OpenAI clients send in place of `system`.
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[ContentPart]
+
+    @field_validator("content")
+    @classmethod
+    def _text_only_and_bounded(cls, value: str | list[ContentPart]) -> str | list[ContentPart]:
+        if isinstance(value, list):
+            for part in value:
+                if part.type != "text" or part.text is None:
+                    raise PydanticCustomError(
+                        "unsupported_content",
+                        "only text content parts are supported (got a {kind!r} part)",
+                        {"kind": part.type})
+        length = len(value) if isinstance(value, str) else sum(len(p.text or "") for p in value)
+        if length > MAX_CONTENT_CHARS:
+            raise PydanticCustomError(
+                "content_too_long",
+                "message content is {length} characters; the limit is {limit}",
+                {"length": length, "limit": MAX_CONTENT_CHARS})
+        return value
+
+    def to_chat(self) -> ChatMessage:
+        text = self.content if isinstance(self.content, str) else "".join(
+            part.text or "" for part in self.content)
+        return ChatMessage("system" if self.role == "developer" else self.role, text)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool | None = False
+
+
+class CompletionRequest(BaseModel):
+    """An OpenAI chat-completions request; fields we do not implement are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = Field(default=None, max_length=256)
+    messages: list[RequestMessage] = Field(min_length=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(default=None, max_length=256)
+    n: int | None = None
+    community_id: str | None = Field(default=None, min_length=1, max_length=255)
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _bounded_count(cls, value: Any) -> Any:
+        # Before validation: 10,000 messages are refused without building 10,000 models.
+        if isinstance(value, list) and len(value) > MAX_MESSAGES:
+            raise PydanticCustomError(
+                "too_many_messages", "{count} messages; the limit is {limit}",
+                {"count": len(value), "limit": MAX_MESSAGES})
+        return value
+
+    @field_validator("n")
+    @classmethod
+    def _only_one_choice(cls, value: int | None) -> int | None:
+        if value is not None and value != 1:
+            raise PydanticCustomError("unsupported_n", "only n=1 is supported")
+        return value
+
+    @property
+    def streamed(self) -> bool:
+        return bool(self.stream)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+def parse_request(raw: bytes) -> CompletionRequest:
+    """Bytes off the wire to a request, or the 400/413 the client should get."""
+    if len(raw) > MAX_BODY_BYTES:
+        raise request_too_large()
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise invalid_request(f"the body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise invalid_request("the body must be a JSON object")
+    try:
+        return CompletionRequest.model_validate(data)
+    except ValidationError as exc:
+        raise _validation_error(exc) from None
+
+
+def request_too_large() -> CompletionError:
+    return invalid_request(f"the request body is larger than {MAX_BODY_BYTES} bytes",
+                           code="request_too_large", status=413)
+
+
+def _validation_error(exc: ValidationError) -> CompletionError:
+    errors = exc.errors(include_url=False, include_input=False)
+    first = errors[0]
+    param = ".".join(str(part) for part in first["loc"]) or None
+    code = first["type"] if first["type"] in _CUSTOM_CODES else "invalid_request"
+    message = f"{param}: {first['msg']}" if param else first["msg"]
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    return invalid_request(message, code=code, param=param)
+
+
+# -- metrics ---------------------------------------------------------------------
+
+
+class CompletionMetrics:
+    """Counters of the completions API, by transport (`http` / `rpc`) and outcome.
+
+    Registered on the app's own registry the first time a transport asks, so
+    the shared `Metrics` class needs no change and tests stay isolated.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "waddle_ai_completions", "Completion API requests, by transport and outcome "
+            "(`ok` or the error code).", ["transport", "outcome"], registry=registry)
+        self.duration = Histogram(
+            "waddle_ai_completion_seconds", "From request to the last byte of the answer.",
+            ["transport"], buckets=PROVIDER_BUCKETS, registry=registry)
+
+    def observe(self, transport: str, outcome: str, seconds: float) -> None:
+        self.requests.labels(transport, outcome).inc()
+        self.duration.labels(transport).observe(seconds)
+
+
+_COMPLETION_METRICS: weakref.WeakKeyDictionary[CollectorRegistry, CompletionMetrics] = (
+    weakref.WeakKeyDictionary())
+
+
+def completion_metrics(metrics: Metrics) -> CompletionMetrics:
+    """One `CompletionMetrics` per registry: HTTP and RPC share its series."""
+    found = _COMPLETION_METRICS.get(metrics.registry)
+    if found is None:
+        found = _COMPLETION_METRICS[metrics.registry] = CompletionMetrics(metrics.registry)
+    return found
+
+
+# -- the service -------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Listing:
+    models: list[str]
+    created: int  # unix time of the listing, shown as each model's `created`
+    expires_at: float  # on the service's monotonic clock
+
+
+@dataclass(slots=True)
+class _OpenStream:
+    provider: Provider
+    chunks: AsyncIterator[CompletionChunk]
+    first: CompletionChunk | None
+    started: float
+    position: int
+
+
+class CompletionService:
+    """Answers OpenAI-shaped requests with the worker's providers."""
+
+    def __init__(
+        self,
+        router: ProviderRouter,
+        *,
+        default_chain: Sequence[ProviderName],
+        default_temperature: float,
+        default_max_tokens: int,
+        models_ttl_s: float = DEFAULT_MODELS_TTL_S,
+        metrics: Metrics | None = None,
+        secrets: Sequence[str] = (),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not default_chain:
+            raise ValueError("the default chain needs at least one provider")
+        for name in default_chain:
+            router.get(name)  # LookupError now rather than on the first request
+        self._router = router
+        self._default_chain = list(default_chain)
+        self._temperature = default_temperature
+        self._max_tokens = default_max_tokens
+        self._models_ttl_s = models_ttl_s
+        self._metrics = metrics
+        self._secrets = tuple(s for s in secrets if s)
+        self._clock = clock
+        self._listings: dict[ProviderName, _Listing] = {}
+        self._listing_lock = asyncio.Lock()
+
+    # -- public ------------------------------------------------------------
+
+    async def complete(self, request: CompletionRequest) -> dict[str, Any]:
+        """A `chat.completion` object; raises `CompletionError`."""
+        chain, model = await self.resolve(request.model)
+        chat = self._chat_request(request, model)
+        try:
+            completion = await self._router.complete(chain, chat)
+        except ProviderError as exc:
+            raise self._failed(exc, request) from exc
+        usage = _usage(completion.usage)
+        log.info("completion answered", extra={
+            "action": "completion", "provider": completion.provider, "model": completion.model,
+            "community": request.community_id, "user": request.user,
+            "prompt_tokens": usage["prompt_tokens"],
+            "completion_tokens": usage["completion_tokens"]})
+        return {
+            "id": new_completion_id(),
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": completion.model,
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": completion.text},
+                "logprobs": None,
+                "finish_reason": _finish_reason(completion.finish_reason),
+            }],
+            "usage": usage,
+        }
+
+    async def stream(
+        self, request: CompletionRequest
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        """`chat.completion.chunk` objects; raises `CompletionError`.
+
+        Nothing is yielded until the provider has produced its first piece, so
+        a failure before that is raised from the first `anext()`: the HTTP
+        transport can still answer it with a proper error status.
+        """
+        chain, model = await self.resolve(request.model)
+        chat = self._chat_request(request, model)
+        opened = await self._open_stream(chain, chat, request)
+        ident, created = new_completion_id(), int(time.time())
+        include_usage = request.include_usage
+        answered_by = (opened.first.model if opened.first and opened.first.model else None) or (
+            chat.model if opened.position == 0 and chat.model else opened.provider.default_model)
+
+        def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+            out: dict[str, Any] = {
+                "id": ident, "object": "chat.completion.chunk", "created": created,
+                "model": answered_by,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                             "finish_reason": finish_reason}],
+            }
+            if include_usage:
+                out["usage"] = None
+            return out
+
+        usage = TokenUsage()
+        finish_reason: str | None = None
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            piece = opened.first
+            try:
+                while piece is not None:
+                    if piece.text:
+                        yield chunk({"content": piece.text})
+                    if piece.usage is not None:
+                        usage = piece.usage
+                    if piece.finish_reason is not None:
+                        finish_reason = piece.finish_reason
+                    piece = await anext(opened.chunks, None)
+            except ProviderError as exc:
+                self._count_error(opened.provider, exc)
+                raise self._failed(exc, request) from exc
+            self._count_success(opened)
+            yield chunk({}, _finish_reason(finish_reason))
+            if include_usage:
+                yield {
+                    "id": ident, "object": "chat.completion.chunk", "created": created,
+                    "model": answered_by, "choices": [], "usage": _usage(usage),
+                }
+            log.info("completion streamed", extra={
+                "action": "completion", "provider": opened.provider.name, "model": answered_by,
+                "community": request.community_id, "user": request.user,
+                "prompt_tokens": usage.prompt_tokens,
+                "completion_tokens": usage.completion_tokens})
+        finally:
+            await _aclose(opened.chunks)
+
+    async def models(self) -> dict[str, Any]:
+        """The OpenAI model list of every provider that answers, each model once."""
+        data: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        for name, listing in await self._catalogue():
+            owner = self._router.get(name).name
+            for model in listing.models:
+                if model in seen:
+                    continue
+                seen.add(model)
+                data.append({"id": model, "object": "model", "created": listing.created,
+                             "owned_by": owner})
+        return {"object": "list", "data": data}
+
+    async def resolve(self, model: str | None) -> tuple[list[ProviderName], str | None]:
+        """Which providers to ask, and with which model (None: each one's default).
+
+        `auto`, nothing, or a name no provider knows goes to the default chain:
+        clients that hard-code `gpt-4o-mini` still get an answer, and the
+        answer's `model` says which one really replied. A name a provider
+        lists (or has as its default) goes to that provider alone: whoever
+        names a model wants that model, not a silent substitute.
+        """
+        wanted = (model or "").strip()
+        if not wanted or wanted.lower() == AUTO_MODEL:
+            return list(self._default_chain), None
+        ordered = self._ordered_providers()
+        for name in ordered:
+            if self._router.get(name).default_model == wanted:
+                return [name], wanted
+        for name, listing in await self._catalogue():
+            if wanted in listing.models:
+                return [name], wanted
+            # Ollama answers `llama3.2` with `llama3.2:latest`; so do we.
+            if ":" not in wanted and f"{wanted}:latest" in listing.models:
+                return [name], f"{wanted}:latest"
+        log.debug("unknown model; using the default chain", extra={
+            "action": "resolve_model", "model": wanted})
+        return list(self._default_chain), None
+
+    # -- internals -----------------------------------------------------------
+
+    def _ordered_providers(self) -> list[ProviderName]:
+        """The default chain first, so a model two providers list goes to the primary."""
+        rest = [name for name in self._router.providers if name not in self._default_chain]
+        return [*self._default_chain, *rest]
+
+    def _chat_request(self, request: CompletionRequest, model: str | None) -> ChatRequest:
+        max_tokens = request.max_tokens or request.max_completion_tokens or self._max_tokens
+        temperature = self._temperature if request.temperature is None else request.temperature
+        return ChatRequest(
+            messages=[message.to_chat() for message in request.messages],
+            temperature=temperature, max_tokens=max_tokens, model=model,
+        )
+
+    async def _open_stream(
+        self, chain: Sequence[ProviderName], chat: ChatRequest, request: CompletionRequest
+    ) -> _OpenStream:
+        """The first provider of `chain` whose stream yields a first chunk."""
+        last_error: ProviderError | None = None
+        for position, name in enumerate(chain):
+            provider = self._router.get(name)
+            asked = chat if position == 0 else _without_model(chat)
+            started = time.perf_counter()
+            chunks = provider.stream(asked)
+            try:
+                first: CompletionChunk | None = await anext(chunks)
+            except StopAsyncIteration:
+                first = None
+            except ProviderError as exc:
+                await _aclose(chunks)
+                self._count_error(provider, exc)
+                last_error = exc
+                if not exc.retryable:
+                    break
+                log.warning("provider failed before streaming; trying the next", extra={
+                    "action": "provider_call", "provider": provider.name,
+                    "error_type": exc.error_type, "error": scrub(str(exc), self._secrets)})
+                continue
+            except BaseException:
+                await _aclose(chunks)
+                raise
+            return _OpenStream(provider, chunks, first, started, position)
+        assert last_error is not None
+        raise self._failed(last_error, request)
+
+    def _count_error(self, provider: Provider, exc: ProviderError) -> None:
+        if self._metrics is not None:
+            self._metrics.provider_errors.labels(provider.name, exc.error_type).inc()
+
+    def _count_success(self, opened: _OpenStream) -> None:
+        if self._metrics is None:
+            return
+        self._metrics.provider_latency.labels(opened.provider.name).observe(
+            time.perf_counter() - opened.started)
+        if opened.position > 0:
+            primary = self._router.get(self._default_chain[0]).name
+            self._metrics.fallbacks.labels(primary, opened.provider.name).inc()
+
+    def _failed(self, exc: ProviderError, request: CompletionRequest) -> CompletionError:
+        error = provider_error(exc, self._secrets)
+        log.warning("completion failed", extra={
+            "action": "completion", "provider": exc.provider, "error_type": exc.error_type,
+            "error": scrub(str(exc), self._secrets), "status": error.status,
+            "community": request.community_id, "user": request.user})
+        return error
+
+    async def _catalogue(self) -> list[tuple[ProviderName, _Listing]]:
+        """Every provider's model list, fetched at most once per TTL (one fetch at a time)."""
+        async with self._listing_lock:
+            now = self._clock()
+            ordered = self._ordered_providers()
+            stale = [n for n in ordered if n not in self._listings
+                     or self._listings[n].expires_at <= now]
+            if stale:
+                fetched = await asyncio.gather(*(self._list(name) for name in stale))
+                self._listings.update(zip(stale, fetched, strict=True))
+            return [(name, self._listings[name]) for name in ordered]
+
+    async def _list(self, name: ProviderName) -> _Listing:
+        provider = self._router.get(name)
+        try:
+            async with asyncio.timeout(LIST_MODELS_TIMEOUT_S):
+                models = await provider.list_models()
+        except (ProviderError, TimeoutError) as exc:
+            log.warning("could not list a provider's models; skipped for now", extra={
+                "action": "list_models", "provider": provider.name,
+                "error": scrub(str(exc) or type(exc).__name__, self._secrets)})
+            retry_in = min(self._models_ttl_s, FAILED_LISTING_RETRY_S)
+            return _Listing([], int(time.time()), self._clock() + retry_in)
+        return _Listing(list(models), int(time.time()), self._clock() + self._models_ttl_s)
+
+
+def new_completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def _usage(usage: TokenUsage) -> dict[str, int]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+    }
+
+
+def _finish_reason(reason: str | None) -> str:
+    """OpenAI clients know four reasons; a backend's own (or none) reads as `stop`."""
+    return reason if reason in FINISH_REASONS else "stop"
+
+
+def _without_model(request: ChatRequest) -> ChatRequest:
+    """A model name belongs to the provider it was resolved for; fallbacks use their own."""
+    return ChatRequest(messages=request.messages, temperature=request.temperature,
+                       max_tokens=request.max_tokens, model=None)
+
+
+async def _aclose(chunks: AsyncIterator[CompletionChunk]) -> None:
+    """Close a provider's stream so its HTTP response is released now, not at GC."""
+    close = getattr(chunks, "aclose", None)
+    if close is not None:
+        with contextlib.suppress(Exception):
+            await close()

@@ -107,16 +107,39 @@ class Topology:
         ]
         return rows
 
+    @staticmethod
+    def dead_letter_arguments(broker_major: int) -> dict[str, Any]:
+        """RabbitMQ 4.0-4.2 give every quorum queue a delivery limit of 20 and count
+        each look `waddle-ai dlq list` takes; the DLQ has nowhere to dead-letter to,
+        so its letters would vanish. On 4.x it gets no limit (-1, which 3.x would
+        read differently, so 3.x gets none at all)."""
+        arguments: dict[str, Any] = {"x-queue-type": "quorum"}
+        if broker_major >= 4:
+            arguments["x-delivery-limit"] = -1
+        return arguments
+
     async def declare(self, channel: AbstractChannel) -> None:
         """Create everything, or check it is already there as we would create it."""
         await _exchange(channel, self.dead_letter_exchange, ExchangeType.DIRECT)
-        dlq = await _queue(channel, self.dead_letter_queue, {"x-queue-type": "quorum"})
+        dlq = await _queue(channel, self.dead_letter_queue,
+                           self.dead_letter_arguments(await broker_major_version(channel)))
         await dlq.bind(self.dead_letter_exchange, routing_key=self.interaction_queue)
         await _exchange(channel, self.responses_exchange, ExchangeType.TOPIC)
         await _queue(channel, self.interaction_queue, self.interaction_arguments())
         for delay in self.retry_delays_ms:
             await _queue(channel, self.retry_queue(delay), self.retry_arguments(delay))
         await _queue(channel, self.completions_queue, {})
+
+
+async def broker_major_version(channel: AbstractChannel) -> int:
+    """The broker's major version from its connection handshake (0 when unknown)."""
+    underlay = await channel.get_underlay_channel()
+    version = underlay.connection.server_properties.get("version", b"0")
+    text = version.decode() if isinstance(version, bytes) else str(version)
+    try:
+        return int(text.split(".", 1)[0])
+    except ValueError:
+        return 0
 
 
 async def _exchange(channel: AbstractChannel, name: str, kind: ExchangeType) -> None:

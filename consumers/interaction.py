@@ -185,6 +185,7 @@ class InteractionConsumer:
             attempt_id=uuid.uuid4().hex,
             first_received_at=_first_received_at(message_headers),
             traceparent=_text(message_headers.get(headers.TRACEPARENT)),
+            replayed=headers.REPLAYED_AT in message_headers,
         )
         with bind(event_id=event.event_id, community=event.community_id, user=event.user_id,
                   platform=event.platform.value, traceparent=delivery.traceparent):

@@ -49,6 +49,8 @@ class Delivery:
     attempt_id: str
     first_received_at: datetime
     traceparent: str | None = None
+    # Replayed from the DLQ by an operator: its age counts from the replay.
+    replayed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,7 +220,8 @@ class InteractionPipeline:
         return Replied(reply)
 
     def _is_stale(self, event: InteractionEvent, delivery: Delivery) -> bool:
-        seen = event.sent_at or delivery.first_received_at
+        seen = delivery.first_received_at if delivery.replayed else (
+            event.sent_at or delivery.first_received_at)
         if seen.tzinfo is None:
             seen = seen.replace(tzinfo=UTC)
         return (datetime.now(UTC) - seen).total_seconds() > self._options.max_event_age_s

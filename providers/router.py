@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 
 from config.settings import ProviderName
 from providers.base import ChatRequest, Completion, Provider, collect
@@ -29,9 +30,15 @@ from providers.breaker import (
     Clock,
 )
 from providers.errors import ProviderError
+from providers.factory import Endpoint
 from worker.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+ProviderKey = ProviderName | Endpoint
+# Builds the provider of a community's endpoint: (kind, base_url, api_key).
+EndpointFactory = Callable[[ProviderName, str | None, str | None], Provider]
+MAX_ENDPOINTS = 256
 
 
 class ProviderRouter:
@@ -43,40 +50,78 @@ class ProviderRouter:
         failure_threshold: int = DEFAULT_FAILURE_THRESHOLD,
         open_s: float = DEFAULT_OPEN_S,
         clock: Clock = time.monotonic,
+        endpoint_factory: EndpointFactory | None = None,
     ) -> None:
         self._providers = dict(providers)
         self._metrics = metrics
-        self._breakers = {
-            name: CircuitBreaker(
-                provider.name, failure_threshold=failure_threshold, open_s=open_s,
-                clock=clock, metrics=metrics,
-            )
-            for name, provider in self._providers.items()
+        self._breaker_options = {
+            "failure_threshold": failure_threshold, "open_s": open_s, "clock": clock}
+        self._breakers: dict[ProviderKey, CircuitBreaker] = {
+            name: self._new_breaker(provider) for name, provider in self._providers.items()
         }
+        self._endpoint_factory = endpoint_factory
+        self._endpoints: OrderedDict[Endpoint, Provider] = OrderedDict()
+        self._retired: list[Provider] = []
+
+    def _new_breaker(self, provider: Provider) -> CircuitBreaker:
+        return CircuitBreaker(provider.name, metrics=self._metrics,
+                              **self._breaker_options)  # type: ignore[arg-type]
 
     @property
     def providers(self) -> Mapping[ProviderName, Provider]:
+        """The providers of the settings (communities' own endpoints not included)."""
         return self._providers
 
-    def get(self, name: ProviderName) -> Provider:
+    def endpoint(
+        self, kind: ProviderName, base_url: str | None, api_key: str | None
+    ) -> ProviderKey:
+        """The key of a community's own endpoint, its provider built on first use.
+
+        Pooled per distinct (kind, address, key) so every community that
+        shares an endpoint shares its HTTP client and its circuit breaker.
+        """
+        if kind is ProviderName.LOCAL or (base_url is None and api_key is None):
+            return kind
+        if self._endpoint_factory is None:
+            raise LookupError("this router cannot build community endpoints")
+        endpoint = Endpoint.of(kind, base_url, api_key)
+        if endpoint in self._endpoints:
+            self._endpoints.move_to_end(endpoint)
+            return endpoint
+        provider = self._endpoint_factory(kind, base_url, api_key)
+        self._endpoints[endpoint] = provider
+        self._breakers[endpoint] = self._new_breaker(provider)
+        if len(self._endpoints) > MAX_ENDPOINTS:
+            # The least recently used endpoint is dropped from the pool; its
+            # client is closed at shutdown, as a request may still be using it.
+            old, retired = self._endpoints.popitem(last=False)
+            self._breakers.pop(old, None)
+            self._retired.append(retired)
+        return endpoint
+
+    def get(self, key: ProviderKey) -> Provider:
+        if isinstance(key, Endpoint):
+            if key in self._endpoints:
+                return self._endpoints[key]
+            raise LookupError(f"endpoint {key} is not (or no longer) in the pool")
         try:
-            return self._providers[name]
+            return self._providers[key]
         except KeyError:
             raise LookupError(
-                f"provider {name.value!r} is not configured in this worker "
+                f"provider {key.value!r} is not configured in this worker "
                 f"(configured: {', '.join(p.value for p in self._providers)})"
             ) from None
 
-    def breaker(self, name: ProviderName) -> CircuitBreaker:
-        self.get(name)  # the same LookupError for an unknown name
-        return self._breakers[name]
+    def breaker(self, key: ProviderKey) -> CircuitBreaker:
+        self.get(key)  # the same LookupError for an unknown name
+        return self._breakers[key]
 
-    def breaker_state(self, name: ProviderName) -> str:
+    def breaker_state(self, key: ProviderKey) -> str:
         """`closed`, `half_open` or `open`, for /readyz."""
-        return self.breaker(name).state.label
+        return self.breaker(key).state.label
 
     async def complete(
-        self, chain: Sequence[ProviderName], request: ChatRequest
+        self, chain: Sequence[ProviderKey], request: ChatRequest
     ) -> Completion:
         """Stream the answer from the first provider in `chain` that gives one."""
         if not chain:
@@ -126,7 +171,7 @@ class ProviderRouter:
         raise last_error
 
     async def aclose(self) -> None:
-        for provider in self._providers.values():
+        for provider in [*self._providers.values(), *self._endpoints.values(), *self._retired]:
             await provider.aclose()
 
 

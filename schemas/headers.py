@@ -16,9 +16,13 @@ ORIGINAL_QUEUE = "x-original-queue"
 # carried across retries so staleness counts from the first delivery, not the last.
 FIRST_RECEIVED_AT = "x-first-received-at"
 
+# Ours: set by `waddle-ai dlq replay`. A replayed event's age counts from the
+# replay, since an operator decided it should still be answered.
+REPLAYED_AT = "x-replayed-at"
+
 RETRY_HEADERS = (
     ERROR, ERROR_TYPE, RETRY_COUNT, FIRST_FAILED_AT, LAST_FAILED_AT, ORIGINAL_QUEUE,
-    FIRST_RECEIVED_AT,
+    FIRST_RECEIVED_AT, REPLAYED_AT,
 )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -18,6 +19,7 @@ import orjson
 from broker.topology import TopologyError
 from config.settings import Settings, SettingsError, load_settings
 from schemas.events import MessageType, Platform
+from worker import dlq
 from worker.logs import configure_logging
 
 
@@ -45,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     publish.add_argument("--wait", action="store_true", help="wait for the reply and print it")
     publish.add_argument("--timeout", type=float, default=60.0,
                          help="seconds --wait waits (default 60)")
+
+    dlq.add_parser(commands)
     return parser
 
 
@@ -56,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"waddle-ai: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format.value)
-    handlers = {"run": _run, "topology": _topology, "publish": _publish}
+    handlers = {"run": _run, "topology": _topology, "publish": _publish, "dlq": _dlq}
     _install_fast_loop()
     try:
         return asyncio.run(handlers[args.command](settings, args))
@@ -65,6 +69,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `waddle-ai dlq list | head`: the reader left; that is not an error. Point
+        # stdout at /dev/null so the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _install_fast_loop() -> None:
@@ -138,3 +147,9 @@ async def _publish(settings: Settings, args: argparse.Namespace) -> int:
         return 1
     print(orjson.dumps(reply, option=orjson.OPT_INDENT_2).decode())
     return 0
+
+
+async def _dlq(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.app import topology_for
+
+    return await dlq.command(settings, args, topology_for(settings))

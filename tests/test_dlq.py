@@ -388,6 +388,8 @@ async def test_replay_all_sends_the_original_events_back_with_the_retry_headers_
         assert event_headers.pop(headers.TRACEPARENT) == TRACEPARENT
         # The broker stamps every quorum-queue delivery with the count, 0 on the first.
         assert event_headers.pop("x-delivery-count", 0) == 0
+        # Marked replayed, so the worker counts its age from now.
+        assert event_headers.pop(headers.REPLAYED_AT)
         expected = {"x-tenant": "blue"} if event_id == kept["event_id"] else {}
         assert event_headers == expected
     assert bodies == {}

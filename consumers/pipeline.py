@@ -149,6 +149,8 @@ class InteractionPipeline:
             return Skipped("duplicate")
         if admission.verdict is Verdict.IN_FLIGHT_ELSEWHERE:
             return Deferred("in_flight_elsewhere")
+        if admission.verdict is Verdict.REPLY_PENDING and admission.pending_reply is not None:
+            return await self._republish(event, delivery, key, profile, admission.pending_reply)
         if not admission.admitted:
             return Skipped(admission.verdict.value)
 
@@ -213,10 +215,37 @@ class InteractionPipeline:
             ),
             processing_time_ms=int((time.perf_counter() - started) * 1000),
         )
+        # The outbox: should this worker die between the broker's confirm and
+        # recording the reply, the next attempt publishes this same reply again.
+        if not await self._store.stash_reply(
+            event.event_id, delivery.attempt_id, reply.to_json(),
+            ttl_ms=self._options.dedupe_ttl_s * 1000,
+        ):
+            return Deferred("lease_lost")
         try:
             await self._replies.publish(reply, traceparent=delivery.traceparent)
         except PublishFailed as exc:
             return Failed(Failure(ErrorType.PUBLISH_FAILED, str(exc)), retryable=True)
+        return Replied(reply)
+
+    async def _republish(
+        self, event: InteractionEvent, delivery: Delivery, key: ConversationKey,
+        profile: CommunityProfile, stashed: bytes,
+    ) -> Outcome:
+        """Publish the reply an earlier attempt stashed, byte for byte.
+
+        That attempt may or may not have got it out before dying; either way
+        the router sees the same body under the same message_id
+        (`reply:<event_id>`), so a repeat is recognisable as one.
+        """
+        reply = Reply.model_validate_json(stashed)
+        try:
+            await self._replies.publish(reply, traceparent=delivery.traceparent)
+        except PublishFailed as exc:
+            await self._release(event, delivery)
+            return Failed(Failure(ErrorType.PUBLISH_FAILED, str(exc)), retryable=True)
+        self._metrics.replies_republished.inc()
+        await self._remember(event, delivery, key, profile, reply)
         return Replied(reply)
 
     def _is_stale(self, event: InteractionEvent, delivery: Delivery) -> bool:

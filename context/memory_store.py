@@ -136,6 +136,7 @@ class MemoryStateStore:
         self._markers: _ExpiringMap[str, bool] = _ExpiringMap(max_markers)
         # Leases and cooldowns live seconds; the cap only matters under a flood.
         self._leases: _ExpiringMap[str, str] = _ExpiringMap(max_claims)
+        self._outbox: _ExpiringMap[str, bytes] = _ExpiringMap(max_claims)
         self._user_cooldowns: _ExpiringMap[ConversationKey, str] = _ExpiringMap(max_claims)
         self._channel_cooldowns: _ExpiringMap[ChannelKey, str] = _ExpiringMap(max_claims)
         self._conversations: _ExpiringMap[ConversationKey, tuple[Turn, ...]] = _ExpiringMap(
@@ -150,6 +151,7 @@ class MemoryStateStore:
         now = self._clock()
         self._markers.prune(now)
         self._leases.prune(now)
+        self._outbox.prune(now)
         self._user_cooldowns.prune(now)
         self._channel_cooldowns.prune(now)
         self._conversations.prune(now)
@@ -164,6 +166,10 @@ class MemoryStateStore:
         lease = self._leases.get(event_id, now)
         if lease is not None and lease != request.attempt_id:
             return Admission(Verdict.IN_FLIGHT_ELSEWHERE)
+        pending = self._outbox.get(event_id, now)
+        if pending is not None:
+            self._leases.set(event_id, request.attempt_id, now + request.lease_ms / 1000)
+            return Admission(Verdict.REPLY_PENDING, pending_reply=pending)
         # A cooldown of 0 ms is neither checked nor claimed (see the Redis script).
         if request.user_cooldown_ms > 0:
             user_cd = self._user_cooldowns.get(key, now)
@@ -193,6 +199,7 @@ class MemoryStateStore:
         _check_record(request)
         now = self._now()
         self._markers.set(request.event_id, True, now + request.dedupe_ttl_s)
+        self._outbox.delete(request.event_id)
         n = request.history_turns
         if n > 0 and request.turns:
             old = self._conversations.get(request.key, now) or ()
@@ -200,6 +207,15 @@ class MemoryStateStore:
             self._conversations.set(request.key, turns, now + request.history_ttl_s)
         if self._leases.get(request.event_id, now) == request.attempt_id:
             self._leases.delete(request.event_id)
+
+    async def stash_reply(
+        self, event_id: str, attempt_id: str, reply: bytes, ttl_ms: int
+    ) -> bool:
+        now = self._now()
+        if self._leases.get(event_id, now) != attempt_id:
+            return False
+        self._outbox.set(event_id, reply, now + ttl_ms / 1000)
+        return True
 
     async def release(self, event_id: str, attempt_id: str) -> None:
         now = self._now()
@@ -218,6 +234,7 @@ class MemoryStateStore:
         for table in (
             self._markers,
             self._leases,
+            self._outbox,
             self._user_cooldowns,
             self._channel_cooldowns,
             self._conversations,

@@ -34,7 +34,7 @@ from context.store import Admission, AdmitRequest, ConversationKey, RecordReques
 
 log = logging.getLogger(__name__)
 
-# KEYS: marker, lease, user cooldown, channel cooldown, history
+# KEYS: marker, lease, user cooldown, channel cooldown, history, outbox
 # ARGV: event_id, attempt_id, lease_ms, user_cooldown_ms, channel_cooldown_ms, history_turns
 # A cooldown of 0 ms is neither checked nor claimed: this event has no such cooldown
 # (a mention skips the channel's; a community may have none).
@@ -46,6 +46,11 @@ end
 local lease = redis.call('GET', KEYS[2])
 if lease and lease ~= ARGV[2] then
   return {2}
+end
+local pending = redis.call('GET', KEYS[6])
+if pending then
+  redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+  return {5, pending}
 end
 if tonumber(ARGV[4]) > 0 then
   local user_cd = redis.call('GET', KEYS[3])
@@ -73,10 +78,11 @@ end
 return {0, {}}
 """
 
-# KEYS: marker, lease, history
+# KEYS: marker, lease, history, outbox
 # ARGV: attempt_id, dedupe_ttl_ms, history_turns, history_ttl_s, turn...
 _RECORD_LUA = """
 redis.call('SET', KEYS[1], '1', 'PX', ARGV[2])
+redis.call('DEL', KEYS[4])
 local n = tonumber(ARGV[3])
 if n > 0 and #ARGV > 4 then
   redis.call('RPUSH', KEYS[3], unpack(ARGV, 5))
@@ -87,6 +93,17 @@ if redis.call('GET', KEYS[2]) == ARGV[1] then
   redis.call('DEL', KEYS[2])
 end
 return 1
+"""
+
+# KEYS: lease, outbox; ARGV: attempt_id, reply, ttl_ms
+# Only the lease holder may stash: a reply of an attempt that lost its lease
+# must not become the one a later attempt republishes.
+_STASH_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0
 """
 
 # KEYS: lease; ARGV: attempt_id
@@ -123,6 +140,9 @@ class _Keys:
 
     def lease(self, event_id: str) -> str:
         return f"{self._prefix}lease:{event_id}"
+
+    def outbox(self, event_id: str) -> str:
+        return f"{self._prefix}outbox:{event_id}"
 
     def channel_cooldown(self, key: ConversationKey) -> str:
         return f"{self._prefix}cd:c:{self._channel(key)}"
@@ -193,6 +213,7 @@ class RedisStateStore:
         self._admit_script = client.register_script(_ADMIT_LUA)
         self._record_script = client.register_script(_RECORD_LUA)
         self._release_script = client.register_script(_RELEASE_LUA)
+        self._stash_script = client.register_script(_STASH_LUA)
 
     @classmethod
     def from_url(cls, url: str, key_prefix: str, **client_options: Any) -> RedisStateStore:
@@ -214,6 +235,7 @@ class RedisStateStore:
                 self._keys.user_cooldown(key),
                 self._keys.channel_cooldown(key),
                 self._keys.history(key),
+                self._keys.outbox(request.event_id),
             ],
             args=[
                 request.event_id,
@@ -225,6 +247,8 @@ class RedisStateStore:
             ],
         )
         code = int(result[0])
+        if code == 5:
+            return Admission(Verdict.REPLY_PENDING, pending_reply=bytes(result[1]))
         if code != 0:
             return Admission(_REFUSALS[code])
         history: list[Turn] = []
@@ -247,6 +271,7 @@ class RedisStateStore:
                 self._keys.marker(request.event_id),
                 self._keys.lease(request.event_id),
                 self._keys.history(request.key),
+                self._keys.outbox(request.event_id),
             ],
             args=[
                 request.attempt_id,
@@ -256,6 +281,15 @@ class RedisStateStore:
                 *(_encode_turn(turn) for turn in turns),
             ],
         )
+
+    async def stash_reply(
+        self, event_id: str, attempt_id: str, reply: bytes, ttl_ms: int
+    ) -> bool:
+        stashed = await self._stash_script(
+            keys=[self._keys.lease(event_id), self._keys.outbox(event_id)],
+            args=[attempt_id, reply, ttl_ms],
+        )
+        return bool(stashed)
 
     async def release(self, event_id: str, attempt_id: str) -> None:
         await self._release_script(keys=[self._keys.lease(event_id)], args=[attempt_id])

@@ -60,12 +60,17 @@ class Verdict(StrEnum):
     IN_FLIGHT_ELSEWHERE = "in_flight_elsewhere"
     USER_COOLDOWN = "user_cooldown"
     CHANNEL_COOLDOWN = "channel_cooldown"
+    # An earlier attempt stashed its reply and died before recording it: the
+    # same reply is to be published again (same message_id), not a new one.
+    REPLY_PENDING = "reply_pending"
 
 
 @dataclass(frozen=True, slots=True)
 class Admission:
     verdict: Verdict
     history: list[Turn] = field(default_factory=list)
+    # With REPLY_PENDING: the reply the earlier attempt was publishing.
+    pending_reply: bytes | None = None
 
     @property
     def admitted(self) -> bool:
@@ -98,8 +103,19 @@ class StateStore(Protocol):
         """Check the marker and cooldowns, claim them, and read the history, atomically."""
         ...
 
+    async def stash_reply(
+        self, event_id: str, attempt_id: str, reply: bytes, ttl_ms: int
+    ) -> bool:
+        """Keep the reply about to be published (the outbox); False if the lease is lost.
+
+        A worker that dies between the broker's confirm and `record()` leaves
+        the reply here; the event's next attempt finds it in `admit()` and
+        publishes the very same reply again instead of asking for a new one.
+        """
+        ...
+
     async def record(self, request: RecordRequest) -> None:
-        """After a confirmed reply: set the marker, append the turns, drop the lease."""
+        """After a confirmed reply: set the marker, append the turns, drop lease and outbox."""
         ...
 
     async def release(self, event_id: str, attempt_id: str) -> None:

@@ -19,7 +19,10 @@ import pytest
 
 from broker.topology import Topology
 from config.settings import Settings
+from context.store import AdmitRequest, ConversationKey
 from schemas import headers
+from schemas.events import Platform
+from schemas.replies import Reply, Trigger
 from tests.conftest import get_dead_letters, queue_depth, running_worker
 from tests.fake_provider import Behaviour, FakeProvider
 from worker.app import App
@@ -494,3 +497,34 @@ async def test_stopping_lets_in_flight_events_finish(
     message = await router_client.next_reply(REPLY_TIMEOUT_S)
     assert orjson.loads(message.body)["response"].endswith("Hello there, friend!")
     assert await queue_depth(topology.interaction_queue) == 0
+
+
+async def test_a_reply_stashed_by_a_dead_attempt_is_published_again_unchanged(
+    ollama_settings: Settings, router_client: RouterClient, fake: FakeProvider
+) -> None:
+    """A worker died after the confirm but before recording: the same reply goes out again."""
+    event = make_event("hello everyone", community="c1", channel="ch1", user="u1")
+    stashed = Reply(
+        event_id=event["event_id"], session_id=event["event_id"], community_id="c1",
+        platform=Platform.TWITCH, channel_id="ch1", user_id="u1",
+        response="🤖 the first attempt's words", trigger=Trigger.GREETING,
+        provider="ollama", model="llama3.2",
+    ).to_json()
+    async with running_worker(ollama_settings) as app:
+        key = ConversationKey(community_id="c1", channel_id="ch1", user_id="u1",
+                              platform="twitch")
+        dead = await app.store.admit(AdmitRequest(
+            event_id=event["event_id"], attempt_id="dead-worker", key=key,
+            user_cooldown_ms=0, channel_cooldown_ms=0, lease_ms=60_000, history_turns=0))
+        assert dead.admitted
+        assert await app.store.stash_reply(event["event_id"], "dead-worker", stashed, 60_000)
+        await app.store.release(event["event_id"], "dead-worker")  # its lease ran out
+
+        await router_client.publish(event)
+        message = await router_client.next_reply(REPLY_TIMEOUT_S)
+        await router_client.publish(event)  # and a later copy is a plain duplicate
+        assert await no_reply_within(router_client, 1.0)
+        assert await metric_value(app, "waddle_ai_replies_republished_total") == 1
+    assert message.body == stashed
+    assert message.message_id == f"reply:{event['event_id']}"
+    assert fake.calls == 0

@@ -679,3 +679,44 @@ async def test_redis_ping_raises_when_redis_is_unreachable() -> None:
             await store.ping()
     finally:
         await store.aclose()
+
+
+# -- the outbox: a reply stashed before publishing ---------------------------------
+
+
+async def test_a_stashed_reply_is_handed_to_the_next_attempt(harness: Harness) -> None:
+    """The attempt died between the confirm and record(): its reply is published again."""
+    store = harness.store
+    assert (await store.admit(admit_req("e1", attempt_id="a1"))).admitted
+    assert await store.stash_reply("e1", "a1", b'{"response": "hi"}', ttl_ms=60_000)
+    # While a1 holds the lease, another attempt waits.
+    waiting = await store.admit(admit_req("e1", attempt_id="a2"))
+    assert waiting.verdict is Verdict.IN_FLIGHT_ELSEWHERE
+    await store.release("e1", "a1")  # as the lease of a dead worker runs out
+    pending = await store.admit(admit_req("e1", attempt_id="a2"))
+    assert pending.verdict is Verdict.REPLY_PENDING
+    assert pending.pending_reply == b'{"response": "hi"}'
+    # a2 now holds the lease, so a third attempt waits for it.
+    third = await store.admit(admit_req("e1", attempt_id="a3"))
+    assert third.verdict is Verdict.IN_FLIGHT_ELSEWHERE
+    await store.record(record_req("e1", exchange(1), attempt_id="a2"))
+    done = await store.admit(admit_req("e1", attempt_id="a4"))
+    assert done.verdict is Verdict.ALREADY_ANSWERED
+
+
+async def test_only_the_lease_holder_may_stash(harness: Harness) -> None:
+    store = harness.store
+    assert (await store.admit(admit_req("e1", attempt_id="a1"))).admitted
+    assert not await store.stash_reply("e1", "intruder", b"{}", ttl_ms=60_000)
+    await store.release("e1", "a1")
+    assert not await store.stash_reply("e1", "a1", b"{}", ttl_ms=60_000)
+    # Nothing was stashed, so a new attempt starts afresh.
+    assert (await store.admit(admit_req("e1", attempt_id="a2"))).admitted
+
+
+async def test_record_clears_the_stash(harness: Harness) -> None:
+    store = harness.store
+    assert (await store.admit(admit_req("e1", attempt_id="a1"))).admitted
+    assert await store.stash_reply("e1", "a1", b"{}", ttl_ms=60_000)
+    await store.record(record_req("e1", exchange(1), attempt_id="a1"))
+    assert await store.was_answered("e1")

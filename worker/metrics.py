@@ -70,6 +70,11 @@ class Metrics:
             "waddle_ai_dedupe_hits",
             "Deliveries of events already answered (acked without a second reply).",
             registry=r)
+        self.replies_republished = Counter(
+            "waddle_ai_replies_republished",
+            "Stashed replies published again because the attempt that sent them died "
+            "before recording them (same message_id; the router drops repeats).",
+            registry=r)
         self.consumer_up = Gauge(
             "waddle_ai_consumer_up", "1 while the consumer is attached to the queue.",
             registry=r)

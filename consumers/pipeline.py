@@ -10,12 +10,23 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Protocol
 
 from config.community import CommunityConfigSource, CommunityProfile
+from consumers.proactive import ProactiveDecider, proactive_limit_check
 from consumers.triggers import detect_trigger
 from context.prompts import build_messages
+from context.rate_limits import (
+    LimitCheck,
+    MemoryRateLimiter,
+    RateLimiter,
+    check_limits,
+    community_rate_key,
+    user_rate_key,
+)
 from context.store import (
     AdmitRequest,
     ConversationKey,
@@ -31,7 +42,7 @@ from providers.router import ProviderRouter
 from publishers.confirm import PublishFailed
 from publishers.failures import Failure
 from publishers.replies import ReplyPublisher
-from publishers.safety import make_safe, reply_limit
+from publishers.safety import contains_blocked_word, make_safe, reply_limit
 from schemas.events import InteractionEvent
 from schemas.headers import ErrorType
 from schemas.replies import Reply, Trigger, Usage
@@ -82,6 +93,12 @@ class Deferred:
 Outcome = Replied | Skipped | Failed | Deferred
 
 
+class ContextArchive(Protocol):
+    """Where a community that opted in keeps its turns (PostgreSQL)."""
+
+    async def append_turns(self, key: ConversationKey, turns: Sequence[Turn]) -> int: ...
+
+
 @dataclass(frozen=True, slots=True)
 class PipelineOptions:
     max_event_age_s: float
@@ -109,6 +126,9 @@ class InteractionPipeline:
         replies: ReplyPublisher,
         metrics: Metrics,
         options: PipelineOptions,
+        rate_limiter: RateLimiter | None = None,
+        proactive: ProactiveDecider | None = None,
+        archive: ContextArchive | None = None,
     ) -> None:
         self._config = config
         self._store = store
@@ -116,6 +136,10 @@ class InteractionPipeline:
         self._replies = replies
         self._metrics = metrics
         self._options = options
+        # Without a limiter of its own, limits are counted in this process.
+        self._limits: RateLimiter = rate_limiter or MemoryRateLimiter()
+        self._proactive = proactive or ProactiveDecider()
+        self._archive = archive
 
     async def handle(self, event: InteractionEvent, delivery: Delivery) -> Outcome:
         started = time.perf_counter()
@@ -125,9 +149,15 @@ class InteractionPipeline:
         if self._is_stale(event, delivery):
             return Skipped("stale")
         decision = detect_trigger(event, profile.trigger_rules)
-        if decision.trigger is None:
-            return Skipped(decision.skip_reason or "no_trigger")
         trigger = decision.trigger
+        if trigger is None and self._proactive.wants_to_chat_per(
+                event, decision, profile.proactive):
+            trigger = Trigger.PROACTIVE
+        if trigger is None:
+            return Skipped(decision.skip_reason or "no_trigger")
+        if profile.blocked_words and contains_blocked_word(
+                event.message_content, profile.blocked_words):
+            return Skipped("blocked_word")
 
         key = ConversationKey(
             community_id=event.community_id, channel_id=event.channel_id,
@@ -153,6 +183,12 @@ class InteractionPipeline:
             return await self._republish(event, delivery, key, profile, admission.pending_reply)
         if not admission.admitted:
             return Skipped(admission.verdict.value)
+        # After admit: a duplicate, a copy in flight or a cooled-down message
+        # never spends a viewer's or a community's budget.
+        limited = await self._rate_limited(event, trigger, profile)
+        if limited is not None:
+            await self._release(event, delivery)
+            return Skipped(limited)
 
         try:
             outcome = await self._answer(event, delivery, profile, trigger, admission.history,
@@ -175,9 +211,11 @@ class InteractionPipeline:
             temperature=profile.temperature,
             max_tokens=reply_token_budget(
                 profile.max_tokens, reply_limit(event.platform, profile.max_reply_chars)),
-            model=profile.model,
+            model=profile.model_for(trigger),
         )
-        chain = (profile.provider, *profile.fallback_providers)
+        api_key = profile.provider_api_key.reveal() if profile.provider_api_key else None
+        primary = self._providers.endpoint(profile.provider, profile.provider_base_url, api_key)
+        chain = (primary, *profile.fallback_providers)
         try:
             completion = await self._providers.complete(chain, request)
         except ProviderError as exc:
@@ -190,6 +228,7 @@ class InteractionPipeline:
         text = make_safe(
             completion.text, event.platform, prefix=profile.response_prefix,
             max_chars=profile.max_reply_chars, allow_links=profile.allow_links,
+            blocked_words=profile.blocked_words,
         )
         if not text:
             return Failed(Failure(
@@ -248,6 +287,28 @@ class InteractionPipeline:
         await self._remember(event, delivery, key, profile, reply)
         return Replied(reply)
 
+    async def _rate_limited(
+        self, event: InteractionEvent, trigger: Trigger, profile: CommunityProfile
+    ) -> str | None:
+        """The no-reply reason when a rate limit refuses this event, else None.
+
+        The user's, the community's (and for proactive chatter its own) limits
+        are checked together and charged only if all allow, so a community at
+        its limit does not use up its viewers' budgets.
+        """
+        checks = [
+            LimitCheck.of(user_rate_key(event.community_id, event.platform.value,
+                                        event.user_id), profile.user_rate_limit),
+            LimitCheck.of(community_rate_key(event.community_id), profile.community_rate_limit),
+        ]
+        if trigger is Trigger.PROACTIVE and profile.proactive is not None:
+            checks.append(proactive_limit_check(event, profile.proactive))
+        decision = await check_limits(self._limits, checks, event_id=event.event_id)
+        if decision is None or decision.allowed:
+            return None
+        scope = (decision.limited_by or "").split(":", 1)[0]
+        return f"rate_limited_{scope}" if scope else "rate_limited"
+
     def _is_stale(self, event: InteractionEvent, delivery: Delivery) -> bool:
         seen = delivery.first_received_at if delivery.replayed else (
             event.sent_at or delivery.first_received_at)
@@ -276,15 +337,16 @@ class InteractionPipeline:
         """
         said = event.message_content or f"[{event.message_type.value}]"
         answer = reply.response.removeprefix(profile.response_prefix)
+        turns = [
+            Turn("user", said[:MAX_REMEMBERED_CHARS], speaker=event.speaker),
+            Turn("assistant", answer[:MAX_REMEMBERED_CHARS]),
+        ]
         try:
             await self._store.record(RecordRequest(
                 event_id=event.event_id,
                 attempt_id=delivery.attempt_id,
                 key=key,
-                turns=[
-                    Turn("user", said[:MAX_REMEMBERED_CHARS], speaker=event.speaker),
-                    Turn("assistant", answer[:MAX_REMEMBERED_CHARS]),
-                ],
+                turns=turns,
                 history_turns=profile.history_turns,
                 history_ttl_s=self._options.history_ttl_s,
                 dedupe_ttl_s=self._options.dedupe_ttl_s,
@@ -293,3 +355,11 @@ class InteractionPipeline:
             self._metrics.state_errors.labels("record").inc()
             log.error("reply sent but not recorded; a redelivery could repeat it",
                       exc_info=True, extra={"action": "record", "event_id": event.event_id})
+        if profile.persist_context and self._archive is not None:
+            try:
+                await self._archive.append_turns(key, turns)
+            except Exception:
+                # The opt-in archive is a record, not the live context: never fail a reply.
+                self._metrics.state_errors.labels("archive").inc()
+                log.warning("could not archive the turns", exc_info=True,
+                            extra={"action": "archive", "event_id": event.event_id})

@@ -32,7 +32,8 @@ Decisions on the cases the brief leaves open:
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
 from types import MappingProxyType
 
 from schemas.events import Platform
@@ -203,6 +204,7 @@ def make_safe(
     prefix: str = "",
     max_chars: int | None = None,
     allow_links: bool = True,
+    blocked_words: Sequence[str] = (),
 ) -> str:
     """The one door between a model and a chat: "" means there is nothing fit to post."""
     limit = reply_limit(platform, max_chars)
@@ -211,6 +213,8 @@ def make_safe(
     text = collapse_whitespace(text)
     if not allow_links:
         text = remove_links(text)
+    if blocked_words:
+        text = mask_blocked_words(text, blocked_words)
     text = neutralise_mentions(text)
     text = strip_leading_commands(text)
     if not text:
@@ -220,13 +224,41 @@ def make_safe(
     return prefix + trim_to_limit(text, limit - len(prefix))
 
 
+BLOCKED_MASK = "***"
+
+
+@lru_cache(maxsize=256)
+def _blocked_pattern(words: tuple[str, ...]) -> re.Pattern[str] | None:
+    """One regex per community list, compiled once: the list changes rarely."""
+    cleaned = sorted({w.strip().lower() for w in words if w.strip()}, key=len, reverse=True)
+    if not cleaned:
+        return None
+    return re.compile(r"(?<!\w)(?:" + "|".join(map(re.escape, cleaned)) + r")(?!\w)",
+                      re.IGNORECASE)
+
+
+def contains_blocked_word(text: str, words: Sequence[str]) -> bool:
+    """A community's blocked words, as whole words, in any case."""
+    pattern = _blocked_pattern(tuple(words))
+    return pattern is not None and pattern.search(text) is not None
+
+
+def mask_blocked_words(text: str, words: Sequence[str]) -> str:
+    """The model may still say what the community banned: never let it reach chat."""
+    pattern = _blocked_pattern(tuple(words))
+    return text if pattern is None else pattern.sub(BLOCKED_MASK, text)
+
+
 __all__ = [
+    "BLOCKED_MASK",
     "ELLIPSIS",
     "LINK_PLACEHOLDER",
     "PLATFORM_LIMITS",
     "ZWSP",
     "collapse_whitespace",
+    "contains_blocked_word",
     "make_safe",
+    "mask_blocked_words",
     "neutralise_mentions",
     "remove_links",
     "reply_limit",

@@ -282,3 +282,28 @@ def test_plain_reply_is_unchanged_except_prefix() -> None:
     assert make_safe("Welcome in, Alice!", Platform.TWITCH, prefix="🤖 ") == (
         "🤖 Welcome in, Alice!"
     )
+
+
+# --- blocked words ------------------------------------------------------------------
+
+
+def test_blocked_words_are_masked_as_whole_words_in_any_case() -> None:
+    from publishers.safety import mask_blocked_words
+
+    words = ["spoiler", "Bad Word"]
+    assert mask_blocked_words("No SPOILER here, bad word!", words) == "No *** here, ***!"
+    assert mask_blocked_words("spoilers and spoiler-free", words) == "spoilers and ***-free"
+    assert mask_blocked_words("nothing to hide", []) == "nothing to hide"
+
+
+def test_blocked_word_detection() -> None:
+    from publishers.safety import contains_blocked_word
+
+    assert contains_blocked_word("that is a SPOILER", ["spoiler"])
+    assert not contains_blocked_word("spoilers are fine", ["spoiler"])
+    assert not contains_blocked_word("anything", ["  "])
+
+
+def test_make_safe_masks_blocked_words_before_trimming() -> None:
+    assert make_safe("the ending is a twist", Platform.TWITCH, blocked_words=["twist"]) == (
+        "the ending is a ***")

@@ -136,25 +136,34 @@ class InteractionConsumer:
             return False
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
+        # aiormq runs this callback in a task of the delivery's channel and
+        # cancels it when the channel closes (a lost connection). Handling that
+        # already asked the provider or published the reply must still finish
+        # and record its marker, or the redelivered copy is answered again: it
+        # runs in a task of our own, which only stop() cancels. Its ack is then
+        # skipped (the channel is gone) and the redelivery finds the marker.
+        task = asyncio.get_running_loop().create_task(self._handle_in_slot(message))
+        self._tasks.add(task)
         self._active += 1
         self._idle.clear()
-        try:
-            await self._handle_in_slot(message)
-        finally:
-            self._active -= 1
-            if task is not None:
-                self._tasks.discard(task)
-            if self._active == 0:
-                self._idle.set()
+        task.add_done_callback(self._on_handled)
+        await asyncio.shield(task)
+
+    def _on_handled(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        self._active -= 1
+        if self._active == 0:
+            self._idle.set()
 
     async def _handle_in_slot(self, message: AbstractIncomingMessage) -> None:
         async with self._slots:
             if self._stopping:
                 # Not started: hand it back for another replica, untouched.
                 await self._settle_safely(message.nack(requeue=True))
+                return
+            if _channel_gone(message):
+                # Waited for a slot while its channel died: the broker already
+                # took it back and redelivers it; working on it now is waste.
                 return
             self._metrics.in_flight.inc()
             started = time.perf_counter()

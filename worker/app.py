@@ -19,13 +19,16 @@ from contextlib import suppress
 from typing import Any
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractRobustConnection
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from broker.topology import Topology
 from config.community import CommunityConfigSource, EnvCommunityConfig
 from config.settings import ProviderName, Settings
 from consumers.interaction import InteractionConsumer
 from consumers.pipeline import InteractionPipeline, PipelineOptions
+from context.failover_store import FailoverStateStore
 from context.memory_store import MemoryStateStore
 from context.redis_store import RedisStateStore
 from context.store import StateStore
@@ -42,6 +45,12 @@ log = logging.getLogger(__name__)
 
 HEALTH_CACHE_S = 10.0
 CHECK_TIMEOUT_S = 2.0
+# A dead Redis must cost an event about a second, not the OS's TCP timeouts:
+# after that the failover store serves it from memory. The op timeout stays
+# under CHECK_TIMEOUT_S so a readiness ping sees the switch, not its own timeout.
+REDIS_SOCKET_TIMEOUT_S = 1.0
+REDIS_OP_TIMEOUT_S = 1.5
+REDIS_RETRY_AFTER_S = 5.0
 
 
 def topology_for(settings: Settings) -> Topology:
@@ -60,10 +69,28 @@ def provider_timeout_s(settings: Settings, name: ProviderName) -> float:
     }[name]
 
 
-def build_store(settings: Settings) -> StateStore:
-    if settings.redis_url:
-        return RedisStateStore.from_url(settings.redis_url, key_prefix=settings.redis_key_prefix)
-    return MemoryStateStore(max_conversations=settings.memory_max_conversations)
+def connection_name(settings: Settings, role: str) -> str:
+    """`waddle-ai consume <prefix>`: operators (and tests) tell deployments apart by it."""
+    return f"waddle-ai {role} {settings.queue_prefix}"
+
+
+def build_store(settings: Settings, metrics: Metrics) -> StateStore:
+    """Redis with a memory fallback when REDIS_URL is set; memory alone otherwise."""
+    memory = MemoryStateStore(max_conversations=settings.memory_max_conversations)
+    if not settings.redis_url:
+        return memory
+    redis = RedisStateStore.from_url(
+        settings.redis_url,
+        key_prefix=settings.redis_key_prefix,
+        socket_connect_timeout=REDIS_SOCKET_TIMEOUT_S,
+        socket_timeout=REDIS_SOCKET_TIMEOUT_S,
+        # One immediate retry on a fresh connection: a pooled connection that
+        # died with a Redis restart fails once and must not count as an outage.
+        # The scripts are idempotent per attempt, so a retried one is harmless.
+        retry=Retry(NoBackoff(), 1),
+    )
+    return FailoverStateStore(redis, memory, metrics, retry_after_s=REDIS_RETRY_AFTER_S,
+                              op_timeout_s=REDIS_OP_TIMEOUT_S)
 
 
 async def build_router(
@@ -76,7 +103,12 @@ async def build_router(
     providers: dict[ProviderName, Provider] = {
         name: build_provider(name, settings, local_model=local_model) for name in names
     }
-    return ProviderRouter(providers, metrics), local_model
+    router = ProviderRouter(
+        providers, metrics,
+        failure_threshold=settings.circuit_failure_threshold,
+        open_s=settings.circuit_open_s,
+    )
+    return router, local_model
 
 
 class App:
@@ -103,6 +135,9 @@ class App:
         self.sidecar: Sidecar | None = None
         self._health: dict[str, tuple[float, dict[str, Any]]] = {}
         self._stopped = asyncio.Event()
+        self._stopping = False
+        # role ("consume" / "publish") -> connected as far as the callbacks know.
+        self._broker_up: dict[str, bool] = {}
 
     @classmethod
     async def build(cls, settings: Settings, *, local_model: LocalModel | None = None) -> App:
@@ -112,7 +147,7 @@ class App:
         return cls(
             settings,
             metrics=metrics,
-            store=build_store(settings),
+            store=build_store(settings, metrics),
             router=router,
             community_config=EnvCommunityConfig(settings),
             owns_local_model=loaded if local_model is None else None,
@@ -120,8 +155,7 @@ class App:
 
     async def start(self) -> None:
         s = self.settings
-        self._publish_connection = await aio_pika.connect_robust(
-            s.amqp_url, client_properties={"connection_name": "waddle-ai publish"})
+        self._publish_connection = await self._connect("publish")
         publish_channel = await self._publish_connection.channel(
             publisher_confirms=True, on_return_raises=True)
         await self._declare_topology()
@@ -156,8 +190,7 @@ class App:
         )
         await self.sidecar.start()
 
-        self._consume_connection = await aio_pika.connect_robust(
-            s.amqp_url, client_properties={"connection_name": "waddle-ai consume"})
+        self._consume_connection = await self._connect("consume")
         consume_channel = await self._consume_connection.channel()
         await consume_channel.set_qos(prefetch_count=s.prefetch_count)
         await self.consumer.attach(consume_channel)
@@ -165,6 +198,58 @@ class App:
             "action": "start", "provider": s.ai_provider.value, "state": self.store.backend,
             "queue": self.topology.interaction_queue, "sidecar_port": self.sidecar.bound_port,
             "max_concurrent": s.max_concurrent_requests, "prefetch": s.prefetch_count})
+
+    @property
+    def connections(self) -> dict[str, AbstractRobustConnection]:
+        """The broker connections by role (`consume`, `publish`), once started."""
+        found = {"consume": self._consume_connection, "publish": self._publish_connection}
+        return {role: c for role, c in found.items() if c is not None}
+
+    async def _connect(self, role: str) -> AbstractRobustConnection:
+        """A robust connection that reports its outages and recoveries.
+
+        aio-pika reconnects on its own (every `reconnect_interval`, 5 s unless
+        the AMQP URL says otherwise) and, on every channel opened from it,
+        restores the QoS, the exchanges and queues declared through it and
+        their consumers before `reconnect_callbacks` run. What it does not do
+        is tell anyone: these callbacks keep /readyz, `consumer_up` and
+        `broker_reconnects` true to what the connection is going through.
+        """
+        connection = await aio_pika.connect_robust(
+            self.settings.amqp_url,
+            client_properties={"connection_name": connection_name(self.settings, role)})
+
+        def on_close(_: AbstractConnection | None, exc: BaseException | None) -> None:
+            self._on_broker_lost(role, exc)
+
+        def on_reconnect(_: AbstractRobustConnection | None) -> None:
+            self._on_broker_back(role)
+
+        connection.close_callbacks.add(on_close)
+        connection.reconnect_callbacks.add(on_reconnect)
+        self._broker_up[role] = True
+        return connection
+
+    def _on_broker_lost(self, role: str, exc: BaseException | None) -> None:
+        if self._stopping:
+            return
+        if role == "consume":
+            self.metrics.consumer_up.set(0)
+        # Called again for every failed restore attempt: warn once per outage.
+        if self._broker_up.get(role, False):
+            self._broker_up[role] = False
+            log.warning("broker connection lost; reconnecting", extra={
+                "action": "broker_disconnected", "connection": role, "error": repr(exc)})
+
+    def _on_broker_back(self, role: str) -> None:
+        self._broker_up[role] = True
+        self.metrics.broker_reconnects.labels(role).inc()
+        if role == "consume":
+            # Channels, QoS, the queue and its consumer are restored before this runs.
+            attached = self.consumer is not None and self.consumer.attached
+            self.metrics.consumer_up.set(1 if attached else 0)
+        log.info("broker connection re-established", extra={
+            "action": "broker_reconnected", "connection": role})
 
     async def _declare_topology(self) -> None:
         assert self._publish_connection is not None
@@ -182,6 +267,7 @@ class App:
     async def stop(self) -> bool:
         """Drain and close; True when every in-flight event finished within the grace time."""
         drained = True
+        self._stopping = True
         if self.consumer is not None:
             drained = await self.consumer.stop(self.settings.shutdown_grace_s)
         for connection in (self._consume_connection, self._publish_connection):
@@ -216,17 +302,25 @@ class App:
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
         attached = self.consumer is not None and self.consumer.attached
+        # A robust connection is `is_closed` only once we close it; while it
+        # reconnects, `connected` is what tells.
         broker_open = all(
-            c is not None and not c.is_closed
+            c is not None and not c.is_closed and c.connected.is_set()
             for c in (self._consume_connection, self._publish_connection)
         )
-        state = await self._cached("state", self._check_state)
+        state = dict(await self._cached("state", self._check_state))
+        # The mode changes between cached pings; report the current one.
+        state["backend"] = self.store.backend
+        if isinstance(self.store, FailoverStateStore) and self.store.degraded:
+            # Degraded is not unready (the contract's "explicitly degraded"):
+            # replies go on from memory, and the JSON says so.
+            state["degraded"] = True
         providers = {
             name.value: await self._cached(f"provider:{name.value}",
                                            lambda p=provider: _check_provider(p))
             for name, provider in self.router.providers.items()
         }
-        return attached, {
+        return attached and broker_open, {
             "consumer": {"attached": attached},
             "broker": {"connected": broker_open},
             "state": state,

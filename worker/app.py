@@ -24,20 +24,32 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from broker.topology import Topology
-from config.community import CommunityConfigSource, EnvCommunityConfig
+from config.community import CommunityConfigSource
+from config.repository import ConfigRepository
+from config.service import OpenedCommunityConfig, open_community_config
 from config.settings import ProviderName, Settings
+from consumers.completions import CompletionsRpcConsumer
 from consumers.interaction import InteractionConsumer
 from consumers.pipeline import InteractionPipeline, PipelineOptions
+from consumers.proactive import ProactiveDecider
 from context.failover_store import FailoverStateStore
 from context.memory_store import MemoryStateStore
+from context.rate_limits import (
+    FailoverRateLimiter,
+    MemoryRateLimiter,
+    RateLimiter,
+    RedisRateLimiter,
+)
 from context.redis_store import RedisStateStore
 from context.store import StateStore
 from providers.base import Provider
-from providers.factory import build_provider
+from providers.completions import CompletionService
+from providers.factory import build_endpoint_provider, build_provider
 from providers.local import LocalModel
 from providers.router import ProviderRouter
 from publishers.failures import FailurePublisher
 from publishers.replies import ReplyPublisher
+from worker.completions_api import completion_routes
 from worker.metrics import Metrics
 from worker.sidecar import Sidecar
 
@@ -51,6 +63,7 @@ CHECK_TIMEOUT_S = 2.0
 REDIS_SOCKET_TIMEOUT_S = 1.0
 REDIS_OP_TIMEOUT_S = 1.5
 REDIS_RETRY_AFTER_S = 5.0
+RPC_PREFETCH = 16
 
 
 def topology_for(settings: Settings) -> Topology:
@@ -93,6 +106,22 @@ def build_store(settings: Settings, metrics: Metrics) -> StateStore:
                               op_timeout_s=REDIS_OP_TIMEOUT_S)
 
 
+def build_rate_limiter(settings: Settings, store: StateStore) -> RateLimiter:
+    """Shared limits in Redis (memory while the state store is degraded); memory without."""
+    memory = MemoryRateLimiter()
+    if not settings.redis_url:
+        return memory
+    redis = RedisRateLimiter.from_url(
+        settings.redis_url, key_prefix=settings.redis_key_prefix,
+        socket_connect_timeout=REDIS_SOCKET_TIMEOUT_S, socket_timeout=REDIS_SOCKET_TIMEOUT_S,
+        retry=Retry(NoBackoff(), 1),
+    )
+    failover = store if isinstance(store, FailoverStateStore) else None
+    return FailoverRateLimiter(
+        redis, memory, degraded=lambda: failover is not None and failover.degraded,
+        op_timeout_s=REDIS_OP_TIMEOUT_S)
+
+
 async def build_router(
     settings: Settings, metrics: Metrics, local_model: LocalModel | None
 ) -> tuple[ProviderRouter, LocalModel | None]:
@@ -107,6 +136,9 @@ async def build_router(
         providers, metrics,
         failure_threshold=settings.circuit_failure_threshold,
         open_s=settings.circuit_open_s,
+        # A community's own base URL or key: its own pooled client and breaker.
+        endpoint_factory=lambda kind, base_url, api_key: build_endpoint_provider(
+            kind, settings, base_url=base_url, api_key=api_key),
     )
     return router, local_model
 
@@ -120,6 +152,8 @@ class App:
         store: StateStore,
         router: ProviderRouter,
         community_config: CommunityConfigSource,
+        rate_limiter: RateLimiter,
+        opened_config: OpenedCommunityConfig | None = None,
         owns_local_model: LocalModel | None = None,
     ) -> None:
         self.settings = settings
@@ -127,6 +161,18 @@ class App:
         self.store = store
         self.router = router
         self.community_config = community_config
+        self.rate_limiter = rate_limiter
+        self._opened_config = opened_config
+        self.completions = CompletionService(
+            router,
+            default_chain=[settings.ai_provider, *settings.ai_fallback_providers],
+            default_temperature=settings.ai_temperature,
+            default_max_tokens=settings.ai_max_tokens,
+            metrics=metrics,
+            secrets=[k for k in (settings.waddleai_api_key, *settings.api_keys) if k],
+        )
+        self.rpc_consumer: CompletionsRpcConsumer | None = None
+        self._rpc_connection: AbstractRobustConnection | None = None
         self.topology = topology_for(settings)
         self._owned_model = owns_local_model
         self._consume_connection: AbstractRobustConnection | None = None
@@ -140,16 +186,31 @@ class App:
         self._broker_up: dict[str, bool] = {}
 
     @classmethod
-    async def build(cls, settings: Settings, *, local_model: LocalModel | None = None) -> App:
-        """Build from settings; pass a loaded `local_model` to share one across apps (tests)."""
+    async def build(
+        cls, settings: Settings, *, local_model: LocalModel | None = None,
+        community_config: CommunityConfigSource | None = None,
+    ) -> App:
+        """Build from settings.
+
+        Tests may pass a loaded `local_model` (to share one across apps) or
+        their own `community_config`; otherwise it comes from PostgreSQL when
+        `DATABASE_URL` is set, and from the environment when it is not.
+        """
         metrics = Metrics()
         router, loaded = await build_router(settings, metrics, local_model)
+        store = build_store(settings, metrics)
+        opened = None
+        if community_config is None:
+            opened = await open_community_config(settings)
+            community_config = opened.source
         return cls(
             settings,
             metrics=metrics,
-            store=build_store(settings, metrics),
+            store=store,
             router=router,
-            community_config=EnvCommunityConfig(settings),
+            community_config=community_config,
+            rate_limiter=build_rate_limiter(settings, store),
+            opened_config=opened,
             owns_local_model=loaded if local_model is None else None,
         )
 
@@ -172,6 +233,11 @@ class App:
                 history_ttl_s=s.history_ttl_s,
                 dedupe_ttl_s=s.dedupe_ttl_s,
             ),
+            rate_limiter=self.rate_limiter,
+            proactive=ProactiveDecider(),
+            archive=(ConfigRepository(self._opened_config.pool)
+                     if self._opened_config is not None and self._opened_config.pool is not None
+                     else None),
         )
         self.consumer = InteractionConsumer(
             queue_name=self.topology.interaction_queue,
@@ -187,6 +253,7 @@ class App:
         self.sidecar = Sidecar(
             host=s.sidecar_host, port=s.sidecar_port, metrics=self.metrics,
             readiness=self.readiness,
+            extra_routes=completion_routes(self.completions, s.api_keys, self.metrics),
         )
         await self.sidecar.start()
 
@@ -194,6 +261,19 @@ class App:
         consume_channel = await self._consume_connection.channel()
         await consume_channel.set_qos(prefetch_count=s.prefetch_count)
         await self.consumer.attach(consume_channel)
+
+        # Completions RPC on a connection of its own: a request naming a bogus
+        # reply-to makes the broker close the connection that answers it, and
+        # that must never be the one carrying chat replies.
+        self._rpc_connection = await self._connect("rpc")
+        rpc_publish = await self._rpc_connection.channel(
+            publisher_confirms=True, on_return_raises=True)
+        rpc_consume = await self._rpc_connection.channel()
+        await rpc_consume.set_qos(prefetch_count=RPC_PREFETCH)
+        self.rpc_consumer = CompletionsRpcConsumer(
+            queue_name=self.topology.completions_queue, service=self.completions,
+            publish_channel=rpc_publish, metrics=self.metrics, max_concurrent=RPC_PREFETCH)
+        await self.rpc_consumer.attach(rpc_consume)
         log.info("worker started", extra={
             "action": "start", "provider": s.ai_provider.value, "state": self.store.backend,
             "queue": self.topology.interaction_queue, "sidecar_port": self.sidecar.bound_port,
@@ -202,7 +282,8 @@ class App:
     @property
     def connections(self) -> dict[str, AbstractRobustConnection]:
         """The broker connections by role (`consume`, `publish`), once started."""
-        found = {"consume": self._consume_connection, "publish": self._publish_connection}
+        found = {"consume": self._consume_connection, "publish": self._publish_connection,
+                 "rpc": self._rpc_connection}
         return {role: c for role, c in found.items() if c is not None}
 
     async def _connect(self, role: str) -> AbstractRobustConnection:
@@ -268,9 +349,12 @@ class App:
         """Drain and close; True when every in-flight event finished within the grace time."""
         drained = True
         self._stopping = True
-        if self.consumer is not None:
-            drained = await self.consumer.stop(self.settings.shutdown_grace_s)
-        for connection in (self._consume_connection, self._publish_connection):
+        if self.consumer is not None or self.rpc_consumer is not None:
+            stops = [c.stop(self.settings.shutdown_grace_s)
+                     for c in (self.consumer, self.rpc_consumer) if c is not None]
+            drained = all(await asyncio.gather(*stops))
+        for connection in (self._consume_connection, self._publish_connection,
+                           self._rpc_connection):
             if connection is not None:
                 with suppress(Exception):
                     await connection.close()
@@ -279,7 +363,10 @@ class App:
         await self.router.aclose()
         if self._owned_model is not None:
             await self._owned_model.aclose()
+        await self.rate_limiter.aclose()
         await self.store.aclose()
+        if self._opened_config is not None:
+            await self._opened_config.aclose()
         self._stopped.set()
         log.info("worker stopped", extra={"action": "stop", "drained": drained})
         return drained
@@ -316,15 +403,22 @@ class App:
             # replies go on from memory, and the JSON says so.
             state["degraded"] = True
         providers = {
-            name.value: await self._cached(f"provider:{name.value}",
-                                           lambda p=provider: _check_provider(p))
+            name.value: {
+                **await self._cached(f"provider:{name.value}",
+                                     lambda p=provider: _check_provider(p)),
+                "circuit": self.router.breaker_state(name),
+            }
             for name, provider in self.router.providers.items()
         }
         return attached and broker_open, {
             "consumer": {"attached": attached},
             "broker": {"connected": broker_open},
             "state": state,
+            "postgres": (self._opened_config.health() if self._opened_config is not None
+                         else {"status": "disabled"}),
             "providers": providers,
+            "completions_rpc": {
+                "attached": self.rpc_consumer is not None and self.rpc_consumer.attached},
         }
 
     async def _check_state(self) -> dict[str, Any]:

@@ -133,6 +133,9 @@ class Settings(BaseSettings):
     # text dies on the spot (os._exit), as a crash would. Never set in production.
     waddle_test_crash_marker: str | None = None
 
+    # Keys the hash that stands for user ids in logs; replicas sharing it log the
+    # same hash for the same viewer. Unset: a random key per process.
+    log_hash_key: str | None = None
     log_level: str = "INFO"
     log_format: LogFormat = LogFormat.JSON
 
@@ -164,6 +167,7 @@ class Settings(BaseSettings):
 
     @field_validator("redis_url", "database_url", "ollama_cert_path", "waddleai_api_key",
                      "waddleai_preferred_model", "config_encryption_key", "local_model_path",
+                     "log_hash_key",
                      mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:

@@ -60,7 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"waddle-ai: {exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level, settings.log_format.value)
+    configure_logging(settings.log_level, settings.log_format.value,
+                      user_hash_key=settings.log_hash_key)
     handlers = {
         "run": _run, "topology": _topology, "publish": _publish, "dlq": _dlq,
         "migrate": config_cli.run_migrate, "config": config_cli.run_config,

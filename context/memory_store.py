@@ -91,23 +91,6 @@ class _ExpiringMap(Generic[K, V]):
         self._heap.clear()
 
 
-def _check_admit(request: AdmitRequest) -> None:
-    # The same limits as the Redis store, so a request valid here is valid there.
-    if request.lease_ms <= 0:
-        raise ValueError(f"lease_ms must be positive, got {request.lease_ms}")
-    if request.user_cooldown_ms < 0 or request.channel_cooldown_ms < 0:
-        raise ValueError("cooldowns must not be negative")
-    if request.history_turns < 0:
-        raise ValueError(f"history_turns must not be negative, got {request.history_turns}")
-
-
-def _check_record(request: RecordRequest) -> None:
-    if request.dedupe_ttl_s <= 0 or request.history_ttl_s <= 0:
-        raise ValueError("dedupe_ttl_s and history_ttl_s must be positive")
-    if request.history_turns < 0:
-        raise ValueError(f"history_turns must not be negative, got {request.history_turns}")
-
-
 def _channel(key: ConversationKey) -> ChannelKey:
     return (key.platform, key.community_id, key.channel_id)
 
@@ -158,7 +141,6 @@ class MemoryStateStore:
         return now
 
     async def admit(self, request: AdmitRequest) -> Admission:
-        _check_admit(request)
         now = self._now()
         event_id, key = request.event_id, request.key
         if self._markers.get(event_id, now):
@@ -196,7 +178,6 @@ class MemoryStateStore:
         return Admission(Verdict.ADMITTED, history)
 
     async def record(self, request: RecordRequest) -> None:
-        _check_record(request)
         now = self._now()
         self._markers.set(request.event_id, True, now + request.dedupe_ttl_s)
         self._outbox.delete(request.event_id)

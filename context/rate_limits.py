@@ -45,6 +45,7 @@ import logging
 import math
 import time
 import uuid
+from abc import ABC, abstractmethod
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -271,7 +272,33 @@ return {1, math.max(remaining, 0), 0, 0}
 """
 
 
-class RedisRateLimiter:
+class _OneKeyHit(ABC):
+    """`hit()` is `hit_all()` with one check, the same for every limiter."""
+
+    @abstractmethod
+    async def hit_all(
+        self,
+        checks: Sequence[LimitCheck],
+        *,
+        now_ms: int | None = None,
+        event_id: str | None = None,
+    ) -> RateDecision: ...
+
+    async def hit(
+        self,
+        key: str,
+        limit: int,
+        window_ms: int,
+        *,
+        now_ms: int | None = None,
+        event_id: str | None = None,
+    ) -> RateDecision:
+        return await self.hit_all(
+            [LimitCheck(key, limit, window_ms)], now_ms=now_ms, event_id=event_id
+        )
+
+
+class RedisRateLimiter(_OneKeyHit):
     """Limits shared by every replica: one Lua script, so one round trip and atomic.
 
     Time is the Redis server's (`TIME`), so replicas whose clocks disagree
@@ -297,19 +324,6 @@ class RedisRateLimiter:
 
     def redis_key(self, key: str) -> str:
         return f"{self._prefix}{key}"
-
-    async def hit(
-        self,
-        key: str,
-        limit: int,
-        window_ms: int,
-        *,
-        now_ms: int | None = None,
-        event_id: str | None = None,
-    ) -> RateDecision:
-        return await self.hit_all(
-            [LimitCheck(key, limit, window_ms)], now_ms=now_ms, event_id=event_id
-        )
 
     async def hit_all(
         self,
@@ -363,7 +377,7 @@ class _Window:
         self.members.add(member)
 
 
-class MemoryRateLimiter:
+class MemoryRateLimiter(_OneKeyHit):
     """Limits for one worker without Redis, with the same answers as `RedisRateLimiter`.
 
     Everything runs on one event loop and `hit_all` never awaits, so a check
@@ -400,19 +414,6 @@ class MemoryRateLimiter:
     @property
     def backend(self) -> str:
         return "memory"
-
-    async def hit(
-        self,
-        key: str,
-        limit: int,
-        window_ms: int,
-        *,
-        now_ms: int | None = None,
-        event_id: str | None = None,
-    ) -> RateDecision:
-        return await self.hit_all(
-            [LimitCheck(key, limit, window_ms)], now_ms=now_ms, event_id=event_id
-        )
 
     async def hit_all(
         self,
@@ -484,7 +485,7 @@ class MemoryRateLimiter:
         self._heap.clear()
 
 
-class FailoverRateLimiter:
+class FailoverRateLimiter(_OneKeyHit):
     """Redis when it answers, process memory when it does not, like the state store.
 
     A dead Redis must not turn every reply into an error: while the state
@@ -514,19 +515,6 @@ class FailoverRateLimiter:
     @property
     def backend(self) -> str:
         return self._fallback.backend if self._degraded() else self._primary.backend
-
-    async def hit(
-        self,
-        key: str,
-        limit: int,
-        window_ms: int,
-        *,
-        now_ms: int | None = None,
-        event_id: str | None = None,
-    ) -> RateDecision:
-        return await self.hit_all(
-            [LimitCheck(key, limit, window_ms)], now_ms=now_ms, event_id=event_id
-        )
 
     async def hit_all(
         self,

@@ -53,6 +53,16 @@ class AdmitRequest:
     lease_ms: int
     history_turns: int
 
+    def __post_init__(self) -> None:
+        # Redis rejects PX 0 and reads LRANGE -0 -1 as "everything": refuse
+        # here, once for every store, so a request valid for one is valid for all.
+        if self.lease_ms <= 0:
+            raise ValueError(f"lease_ms must be positive, got {self.lease_ms}")
+        if self.user_cooldown_ms < 0 or self.channel_cooldown_ms < 0:
+            raise ValueError("cooldowns must not be negative")
+        if self.history_turns < 0:
+            raise ValueError(f"history_turns must not be negative, got {self.history_turns}")
+
 
 class Verdict(StrEnum):
     ADMITTED = "admitted"
@@ -89,6 +99,13 @@ class RecordRequest:
     history_turns: int
     history_ttl_s: int
     dedupe_ttl_s: int
+
+    def __post_init__(self) -> None:
+        # EXPIRE 0 would delete the history it was meant to keep.
+        if self.dedupe_ttl_s <= 0 or self.history_ttl_s <= 0:
+            raise ValueError("dedupe_ttl_s and history_ttl_s must be positive")
+        if self.history_turns < 0:
+            raise ValueError(f"history_turns must not be negative, got {self.history_turns}")
 
 
 class StateStore(Protocol):

@@ -19,9 +19,8 @@ from typing import Any
 from uuid import uuid4
 
 import pytest
-from redis.asyncio import Connection, ConnectionPool, Redis
+from redis.asyncio import ConnectionPool, Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.typing import EncodableT
 
 from context.rate_limits import (
     FailoverRateLimiter,
@@ -35,6 +34,7 @@ from context.rate_limits import (
     rate_key,
     user_rate_key,
 )
+from tests.redis_wire import RecordingConnection, WireLog
 
 REDIS_URL = os.environ.get("WADDLE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -378,33 +378,6 @@ async def test_memory_aclose_drops_state() -> None:
 
 
 # --- Redis only --------------------------------------------------------------
-
-
-class WireLog:
-    """What one client wrote to Redis: writes are round trips, commands their contents."""
-
-    def __init__(self) -> None:
-        self.writes = 0
-        self.commands: list[str] = []
-
-    def reset(self) -> None:
-        self.writes = 0
-        self.commands.clear()
-
-
-class RecordingConnection(Connection):
-    def __init__(self, *, wire_log: WireLog, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.wire_log = wire_log
-
-    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
-        self.wire_log.writes += 1
-        await super().send_packed_command(command, check_health)
-
-    def pack_command(self, *args: EncodableT) -> list[bytes]:
-        name = args[0]
-        self.wire_log.commands.append(name.decode() if isinstance(name, bytes) else str(name))
-        return super().pack_command(*args)
 
 
 async def test_redis_every_hit_is_one_round_trip(redis_prefix: str) -> None:

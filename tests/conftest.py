@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import io
+import logging
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import aio_pika
@@ -24,6 +26,7 @@ from broker.topology import Topology
 from config.settings import Settings
 from worker.app import App, topology_for
 from worker.client import RouterClient
+from worker.logs import JsonFormatter, UserHasher
 
 AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -101,16 +104,50 @@ async def broker_cleanup(prefix: str) -> AsyncIterator[None]:
         await connection.close()
 
 
-@pytest.fixture
-async def redis_cleanup(prefix: str) -> AsyncIterator[None]:
-    yield
+async def delete_redis_prefix(key_prefix: str) -> None:
+    """Remove every key a test wrote under its own prefix (never anyone else's)."""
+    assert key_prefix.startswith("test-")
     client = aioredis.from_url(REDIS_URL)
     try:
-        keys = [key async for key in client.scan_iter(match=f"{prefix}:*", count=1000)]
+        keys = [key async for key in client.scan_iter(match=f"{key_prefix}*", count=1000)]
         if keys:
             await client.delete(*keys)
     finally:
         await client.aclose()
+
+
+@pytest.fixture
+async def redis_cleanup(prefix: str) -> AsyncIterator[None]:
+    yield
+    await delete_redis_prefix(f"{prefix}:")
+
+
+@pytest.fixture
+async def redis_prefix() -> AsyncIterator[str]:
+    """A Redis key prefix of this test's own, its keys deleted afterwards."""
+    key_prefix = f"test-{uuid.uuid4().hex}:"
+    yield key_prefix
+    await delete_redis_prefix(key_prefix)
+
+
+LOG_HASH_TEST_KEY = b"test-key"
+
+
+@contextlib.contextmanager
+def capture_logs(level: int) -> Iterator[io.StringIO]:
+    """Every log line from `level` up, formatted as in production (JSON)."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter(UserHasher(LOG_HASH_TEST_KEY)))
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(level)
+    try:
+        yield stream
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
 
 
 @pytest.fixture

@@ -25,11 +25,10 @@ from config.migrate import migrate
 from config.repository import ConfigRepository
 from config.secrets import KeyBox, generate_key
 from config.settings import Settings
-from tests.conftest import AMQP_URL, running_worker
+from tests.conftest import AMQP_URL, capture_logs, running_worker
 from tests.fake_provider import FakeProvider
 from worker.app import App
 from worker.client import RouterClient, make_event
-from worker.logs import JsonFormatter, UserHasher
 
 REPLY_S = 15.0
 COMMUNITY_KEY = "sk-community-0123456789abcdef"
@@ -59,6 +58,13 @@ async def repository(schema_dsn: str, encryption_key: str) -> AsyncIterator[Conf
 
 
 @pytest.fixture
+def captured_logs() -> Iterator[io.StringIO]:
+    """At DEBUG: a provider key must not appear at any level."""
+    with capture_logs(logging.DEBUG) as stream:
+        yield stream
+
+
+@pytest.fixture
 def community_settings(
     make_settings: Callable[..., Settings], schema_dsn: str, encryption_key: str,
     fakes: tuple[FakeProvider, FakeProvider],
@@ -85,26 +91,9 @@ def no_reply_count(app: App, reason: str) -> float:
     return value or 0.0
 
 
-@pytest.fixture
-def all_logs() -> Iterator[io.StringIO]:
-    """Every log line of the test, at DEBUG, formatted as in production."""
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter(UserHasher(b"k")))
-    root = logging.getLogger()
-    level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
-    try:
-        yield stream
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(level)
-
-
 async def test_a_community_gets_its_persona_endpoint_key_and_model(
     community_settings: Settings, repository: ConfigRepository, router_client: RouterClient,
-    fakes: tuple[FakeProvider, FakeProvider], all_logs: io.StringIO,
+    fakes: tuple[FakeProvider, FakeProvider], captured_logs: io.StringIO,
 ) -> None:
     default, own = fakes
     await repository.upsert("penguins", {
@@ -127,8 +116,8 @@ async def test_a_community_gets_its_persona_endpoint_key_and_model(
     assert other["provider"] == "ollama"
     assert all("Authorization" not in r.headers for r in default.requests)
     # The key never reaches a log line, at any level.
-    assert all_logs.getvalue()
-    assert COMMUNITY_KEY not in all_logs.getvalue()
+    assert captured_logs.getvalue()
+    assert COMMUNITY_KEY not in captured_logs.getvalue()
 
 
 async def test_a_config_change_reaches_the_worker_within_a_second(

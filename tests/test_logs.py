@@ -10,40 +10,30 @@ import orjson
 import pytest
 
 from config.settings import Settings
-from tests.conftest import running_worker
+from tests.conftest import LOG_HASH_TEST_KEY, capture_logs, running_worker
 from tests.fake_provider import FakeProvider
 from worker.client import RouterClient, make_event
-from worker.logs import JsonFormatter, UserHasher, bind
+from worker.logs import UserHasher, bind
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
 @pytest.fixture
-def captured() -> Iterator[io.StringIO]:
-    """Every log line of the test, formatted as in production (JSON)."""
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter(UserHasher(b"test-key")))
-    root = logging.getLogger()
-    old_level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    try:
+def captured_logs() -> Iterator[io.StringIO]:
+    """At INFO: the level where viewers' text and raw ids must never appear."""
+    with capture_logs(logging.INFO) as stream:
         yield stream
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(old_level)
 
 
 def lines(stream: io.StringIO) -> list[dict[str, object]]:
     return [orjson.loads(line) for line in stream.getvalue().splitlines() if line.strip()]
 
 
-def test_a_line_has_the_aaa_shape_and_hashes_the_user(captured: io.StringIO) -> None:
+def test_a_line_has_the_aaa_shape_and_hashes_the_user(captured_logs: io.StringIO) -> None:
     logging.getLogger("waddle.test").info("config changed", extra={
         "action": "config_set", "category": "audit", "user": "viewer-4521",
         "community": "c1", "result": "ok", "execution_time": 3.2})
-    [entry] = lines(captured)
+    [entry] = lines(captured_logs)
     assert entry["level"] == "audit"
     assert entry["severity"] == "info"
     assert entry["module"] == "waddle.test"
@@ -53,16 +43,16 @@ def test_a_line_has_the_aaa_shape_and_hashes_the_user(captured: io.StringIO) -> 
     assert entry["execution_time"] == 3.2
     assert entry["message"] == "config changed"
     assert entry["timestamp"]
-    assert entry["user"] == UserHasher(b"test-key")("viewer-4521")
-    assert "viewer-4521" not in captured.getvalue()
+    assert entry["user"] == UserHasher(LOG_HASH_TEST_KEY)("viewer-4521")
+    assert "viewer-4521" not in captured_logs.getvalue()
 
 
-def test_levels_map_to_categories(captured: io.StringIO) -> None:
+def test_levels_map_to_categories(captured_logs: io.StringIO) -> None:
     log = logging.getLogger("waddle.test")
     log.error("boom")
     log.warning("breaker open")
     log.info("handled")
-    assert [e["level"] for e in lines(captured)] == ["error", "system", "info"]
+    assert [e["level"] for e in lines(captured_logs)] == ["error", "system", "info"]
 
 
 def test_the_hash_is_stable_for_one_key_and_differs_across_keys() -> None:
@@ -72,22 +62,22 @@ def test_the_hash_is_stable_for_one_key_and_differs_across_keys() -> None:
 
 
 async def test_bound_fields_appear_on_every_line_of_their_task_only(
-    captured: io.StringIO,
+    captured_logs: io.StringIO,
 ) -> None:
     log = logging.getLogger("waddle.test")
     with bind(event_id="e1", traceparent=TRACEPARENT, user_id="raw-id"):
         log.info("inside")
     log.info("outside")
-    inside, outside = lines(captured)
+    inside, outside = lines(captured_logs)
     assert inside["event_id"] == "e1"
     assert inside["traceparent"] == TRACEPARENT
-    assert inside["user"] == UserHasher(b"test-key")("raw-id")
+    assert inside["user"] == UserHasher(LOG_HASH_TEST_KEY)("raw-id")
     assert "event_id" not in outside
-    assert "raw-id" not in captured.getvalue()
+    assert "raw-id" not in captured_logs.getvalue()
 
 
 async def test_a_handled_event_is_logged_with_its_trace_and_without_its_text(
-    make_settings: Callable[..., Settings], router_client: RouterClient, captured: io.StringIO,
+    make_settings: Callable[..., Settings], router_client: RouterClient, captured_logs: io.StringIO,
 ) -> None:
     async with FakeProvider() as fake:
         settings = make_settings(ai_provider="ollama", ollama_host=fake.url)
@@ -95,14 +85,14 @@ async def test_a_handled_event_is_logged_with_its_trace_and_without_its_text(
         async with running_worker(settings):
             await router_client.publish(event, headers={"traceparent": TRACEPARENT})
             await router_client.next_reply(15)
-    handled = [e for e in lines(captured) if e.get("action") == "handle"]
+    handled = [e for e in lines(captured_logs) if e.get("action") == "handle"]
     assert handled
     entry = handled[-1]
     assert entry["event_id"] == event["event_id"]
     assert entry["traceparent"] == TRACEPARENT
     assert entry["result"] == "replied"
     assert isinstance(entry["execution_time"], float)
-    assert entry["user"] == UserHasher(b"test-key")("user-9001")
-    text = captured.getvalue()
+    assert entry["user"] == UserHasher(LOG_HASH_TEST_KEY)("user-9001")
+    text = captured_logs.getvalue()
     assert "user-9001" not in text
     assert "secret plans" not in text

@@ -16,7 +16,6 @@ import asyncio
 import os
 from collections.abc import AsyncIterator
 from typing import Any
-from uuid import uuid4
 
 import pytest
 from redis.asyncio import ConnectionPool, Redis
@@ -47,24 +46,6 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
-
-
-async def _delete_prefix(prefix: str) -> None:
-    assert prefix.startswith("test-")
-    client = Redis.from_url(REDIS_URL)
-    try:
-        keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=1000)]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
-
-
-@pytest.fixture
-async def redis_prefix() -> AsyncIterator[str]:
-    prefix = f"test-{uuid4().hex}:"
-    yield prefix
-    await _delete_prefix(prefix)
 
 
 @pytest.fixture(params=["memory", "redis"])

@@ -13,7 +13,6 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
-from uuid import uuid4
 
 import pytest
 from redis.asyncio import ConnectionPool, Redis
@@ -106,24 +105,6 @@ class Harness:
     store: StateStore
     # Lets time pass: the fake clock for memory, a real sleep for Redis.
     advance: Callable[[float], Awaitable[None]]
-
-
-async def _delete_prefix(prefix: str) -> None:
-    assert prefix.startswith("test-")
-    client = Redis.from_url(REDIS_URL)
-    try:
-        keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=1000)]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
-
-
-@pytest.fixture
-async def redis_prefix() -> AsyncIterator[str]:
-    prefix = f"test-{uuid4().hex}:"
-    yield prefix
-    await _delete_prefix(prefix)
 
 
 @pytest.fixture(params=["memory", "redis"])

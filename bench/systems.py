@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
-import httpx
+import aiohttp
 import orjson
 
 from bench.common import PERSONA, topology
@@ -58,15 +58,15 @@ class Answerer:
     """The floor's and FastStream's handler: validate, ask the provider, build the reply.
 
     The provider call is Ollama's non-streamed `/api/chat` through one pooled
-    httpx client (as many connections as events in flight): the least a
-    consumer must do to get an answer.
+    aiohttp session (as many connections as events in flight), the HTTP
+    client the worker uses: the least a consumer must do to get an answer.
     """
 
     def __init__(self, provider_url: str, concurrency: int) -> None:
-        self._client = httpx.AsyncClient(
-            base_url=provider_url, timeout=30.0,
-            limits=httpx.Limits(max_connections=concurrency,
-                                max_keepalive_connections=concurrency))
+        self._url = provider_url.rstrip("/") + "/api/chat"
+        self._client = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=concurrency),
+            timeout=aiohttp.ClientTimeout(total=30.0))
 
     async def __call__(self, body: bytes) -> tuple[str, str, bytes]:
         """(routing key, event id, reply body) for one event body."""
@@ -77,11 +77,11 @@ class Answerer:
                          {"role": "user", "content": event.message_content}],
             "stream": False,
         }
-        response = await self._client.post(
-            "/api/chat", content=orjson.dumps(request),
-            headers={"content-type": "application/json"})
-        response.raise_for_status()
-        answer = orjson.loads(response.content)
+        async with self._client.post(
+                self._url, data=orjson.dumps(request),
+                headers={"content-type": "application/json"}) as response:
+            response.raise_for_status()
+            answer = orjson.loads(await response.read())
         reply = {
             "schema_version": 1,
             "event_id": event.event_id,
@@ -104,7 +104,7 @@ class Answerer:
         return routing_key, event.event_id, orjson.dumps(reply)
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        await self._client.close()
 
 
 async def serve_floor(config: ServeConfig, stop: asyncio.Event, ready: Callable[[], None]) -> None:

@@ -28,7 +28,9 @@ What degraded mode costs (the price of answering at all):
   deferred and admitted again where state now lives (one extra provider call).
 
 Only "Redis is unreachable" degrades (connection refused or reset, timeouts,
-Redis still loading its data set). A Redis that answers with an error (out of
+Redis still loading its data set). A pool with every connection in use
+(`RedisBusy`, context/redis_pool.py) is load on this replica: the call fails
+and the event is retried, but the store stays on Redis. A Redis that answers with an error (out of
 memory, a read-only replica, a script bug) is not an outage this store can
 fix by forgetting state, so those errors propagate as before.
 """
@@ -46,6 +48,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from context.memory_store import MemoryStateStore
+from context.redis_pool import BUSY
 from context.store import Admission, AdmitRequest, RecordRequest, StateStore, Verdict
 
 if TYPE_CHECKING:
@@ -163,6 +166,12 @@ class FailoverStateStore:
         try:
             async with asyncio.timeout(self._op_timeout_s):
                 return await call(self._primary)
+        except BUSY:
+            # Every pooled connection in use: load on this replica, not an
+            # outage. Switching to memory would split dedupe and leases from
+            # the other replicas; the event is retried instead.
+            self._metrics.state_errors.labels(operation).inc()
+            raise
         except UNREACHABLE as exc:
             self._metrics.state_errors.labels(operation).inc()
             self._degrade(operation, exc)

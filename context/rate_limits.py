@@ -51,10 +51,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 
 from context.failover_store import UNREACHABLE
-from context.redis_store import POOL_MAX_CONNECTIONS
+from context.redis_pool import BUSY, pooled_client
 
 log = logging.getLogger(__name__)
 
@@ -318,12 +318,11 @@ class RedisRateLimiter(_OneKeyHit):
     def from_url(cls, url: str, key_prefix: str, **client_options: Any) -> RedisRateLimiter:
         """A limiter with its own connection pool, which `aclose()` then closes.
 
-        A blocking pool, as the state store's: with more events in flight than
-        connections, a call waits for one instead of failing like a dead Redis.
+        The state store's kind of pool (context/redis_pool.py): with more events
+        in flight than connections, a call waits for one instead of failing
+        like a dead Redis.
         """
-        client_options.setdefault("max_connections", POOL_MAX_CONNECTIONS)
-        pool = BlockingConnectionPool.from_url(url, **client_options)
-        return cls(Redis.from_pool(pool), key_prefix, owns_client=True)
+        return cls(pooled_client(url, **client_options), key_prefix, owns_client=True)
 
     @property
     def backend(self) -> str:
@@ -537,6 +536,10 @@ class FailoverRateLimiter(_OneKeyHit):
                 self._primary.hit_all(checks, now_ms=now_ms, event_id=event_id),
                 self._op_timeout_s,
             )
+        except BUSY:
+            # A busy replica, not a dead Redis: counting in memory would hand
+            # this event a budget of its own; the event is retried instead.
+            raise
         except UNREACHABLE as exc:
             if not self._failing:
                 # One warning per outage; the state store reports the outage itself.

@@ -28,17 +28,12 @@ import logging
 from typing import Any
 
 import orjson
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 
+from context.redis_pool import pooled_client
 from context.store import Admission, AdmitRequest, ConversationKey, RecordRequest, Turn, Verdict
 
 log = logging.getLogger(__name__)
-
-# Connections of the pool `from_url` builds. redis-py 6+ caps an asyncio pool at
-# 100 by default and, past the cap, raises MaxConnectionsError (a ConnectionError)
-# at once; with more events in flight than that (MAX_CONCURRENT_REQUESTS=1000),
-# the failover store took a busy replica for a dead Redis and switched to memory.
-POOL_MAX_CONNECTIONS = 100
 
 # KEYS: marker, lease, user cooldown, channel cooldown, history, outbox
 # ARGV: event_id, attempt_id, lease_ms, user_cooldown_ms, channel_cooldown_ms, history_turns
@@ -207,13 +202,10 @@ class RedisStateStore:
     def from_url(cls, url: str, key_prefix: str, **client_options: Any) -> RedisStateStore:
         """A store with its own connection pool, which `aclose()` then closes.
 
-        The pool blocks: when every connection is busy, a call waits for one
-        (the callers' own timeouts bound the wait) rather than failing as if
-        Redis were down. Many events in flight is load, not an outage.
+        The pool (context/redis_pool.py) waits for a free connection rather
+        than failing as if Redis were down: many events in flight is load.
         """
-        client_options.setdefault("max_connections", POOL_MAX_CONNECTIONS)
-        pool = BlockingConnectionPool.from_url(url, **client_options)
-        return cls(Redis.from_pool(pool), key_prefix, owns_client=True)
+        return cls(pooled_client(url, **client_options), key_prefix, owns_client=True)
 
     @property
     def backend(self) -> str:

@@ -4,21 +4,30 @@ Both providers must turn the same transport failures into the same typed
 errors, or the retry layer would treat Ollama and WaddleAI differently for the
 same outage. Everything that decides "retry or dead letter" for an HTTP answer
 lives here, once.
+
+The client is aiohttp's: a streamed request through it costs about a tenth
+of the CPU that httpx's does (bench/RESULTS.md), and at hundreds of replies
+in flight that is most of a worker's CPU.
 """
 
 from __future__ import annotations
 
+import asyncio
+import codecs
 import math
 import os
+import re
 import ssl
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 
-import httpx
+import aiohttp
 import orjson
+from yarl import URL
 
 from providers.errors import (
     ProviderBadOutput,
@@ -30,37 +39,152 @@ from providers.errors import (
 )
 
 # Sized for hundreds of replies in flight at once: a smaller pool would queue
-# requests inside httpx, where the wait counts against the provider's timeout.
-POOL_LIMITS = httpx.Limits(
-    max_connections=1000, max_keepalive_connections=100, keepalive_expiry=30.0
-)
-
+# requests in the client, where the wait counts against the provider's timeout.
+MAX_CONNECTIONS = 1000
+KEEPALIVE_S = 30.0
+# The longest line a provider may send (NDJSON or event stream). A backend
+# that never ends a line must not grow the buffer without bound.
+MAX_LINE_BYTES = 1 << 20
+# How long a finished answer waits for the rest of its body (the end of the
+# chunked encoding) so that its connection can be pooled again.
+DRAIN_GRACE_S = 0.5
 EXCERPT_CHARS = 200
+JSON_HEADERS = {"Content-Type": "application/json"}
 
 
-def build_client(
-    base_url: str,
-    timeout_s: float,
-    *,
-    verify: bool | str = True,
-    headers: dict[str, str] | None = None,
-) -> httpx.AsyncClient:
-    """One pooled client per provider; connecting gets a short budget of its own.
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """`read` bounds each wait for data (a stalled stream), `connect` a new connection."""
 
-    A backend that is down should fail in seconds (so a fallback can answer),
-    while a slow generation may use the whole timeout.
+    read: float
+    connect: float
+
+
+class HttpClient:
+    """One provider's pooled connections to one base URL.
+
+    The aiohttp session is made on first use: a session belongs to the event
+    loop it was made in, and providers are built before (and outside) it.
     """
-    return httpx.AsyncClient(
-        base_url=base_url.rstrip("/"),
-        timeout=httpx.Timeout(timeout_s, connect=min(5.0, timeout_s)),
-        limits=POOL_LIMITS,
-        verify=ssl_verify(verify),
-        headers=headers,
-    )
+
+    def __init__(
+        self,
+        base_url: str,
+        timeout_s: float,
+        *,
+        verify: bool | str = True,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        # Connecting gets a short budget of its own: a backend that is down
+        # should fail in seconds (so a fallback can answer), while a slow
+        # generation may use the whole timeout.
+        self.timeout = Timeouts(read=timeout_s, connect=min(5.0, timeout_s))
+        self._ssl = ssl_verify(verify)
+        self._headers = dict(headers or {})
+        self._urls: dict[str, URL] = {}
+        self._session: aiohttp.ClientSession | None = None
+
+    def url(self, path: str) -> URL:
+        """Parsed once per path: yarl's parsing is a visible cost per request."""
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = URL(self.base_url + path)
+        return url
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(
+                    limit=MAX_CONNECTIONS, keepalive_timeout=KEEPALIVE_S, ssl=self._ssl
+                ),
+                timeout=aiohttp.ClientTimeout(
+                    total=None,
+                    # Waiting for a free pooled connection counts too.
+                    connect=self.timeout.read,
+                    sock_connect=self.timeout.connect,
+                    sock_read=self.timeout.read,
+                ),
+                headers=self._headers,
+            )
+        return self._session
+
+    @asynccontextmanager
+    async def send(
+        self,
+        provider: str,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        accept: str | None = None,
+        secrets: Iterable[str] = (),
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """A response with a 2xx status, its body not yet read.
+
+        Any other status raises the typed error for it, with the backend's own
+        message; transport failures raise theirs.
+        """
+        data = orjson.dumps(body) if body is not None else None
+        headers = JSON_HEADERS if data is not None else {}
+        if accept is not None:
+            headers = {**headers, "Accept": accept}
+        with transport_errors(provider):
+            async with self.session().request(
+                method,
+                self.url(path),
+                data=data,
+                headers=headers,
+                # A redirect means a misconfigured URL; following it could
+                # send the API key to another host.
+                allow_redirects=False,
+            ) as response:
+                if not 200 <= response.status < 300:
+                    detail = error_detail(await response.read(), secrets)
+                    retry_after = parse_retry_after(response.headers.get("Retry-After"))
+                    raise error_for_status(
+                        provider, response.status, detail, retry_after_s=retry_after
+                    )
+                yield response
+
+    async def request_json(
+        self,
+        provider: str,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        secrets: Iterable[str] = (),
+    ) -> Any:
+        """The parsed JSON of a 2xx answer."""
+        async with self.send(provider, method, path, body=body, secrets=secrets) as response:
+            with transport_errors(provider):
+                content = await response.read()
+        return parse_json(provider, content, secrets)
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+async def drain(response: aiohttp.ClientResponse, grace_s: float = DRAIN_GRACE_S) -> None:
+    """Read the rest of a body whose answer is already whole.
+
+    Only a body read to its end lets aiohttp pool the connection for the next
+    reply. A server that holds the body open after its last event must not
+    fail a complete answer: after `grace_s` its connection is dropped instead.
+    """
+    try:
+        async with asyncio.timeout(grace_s):
+            while await response.content.readany():
+                pass
+    except (TimeoutError, aiohttp.ClientError):
+        response.close()
 
 
 def ssl_verify(verify: bool | str) -> bool | ssl.SSLContext:
-    """A CA path becomes an SSL context: httpx deprecated `verify=<path>`."""
+    """True/False, or a CA file or directory as an SSL context: checked now, not at first use."""
     if isinstance(verify, bool):
         return verify
     try:
@@ -73,16 +197,128 @@ def ssl_verify(verify: bool | str) -> bool | ssl.SSLContext:
 
 @contextmanager
 def transport_errors(provider: str) -> Iterator[None]:
-    """Map httpx's transport failures to the provider errors the retry layer knows."""
+    """Map aiohttp's transport failures to the provider errors the retry layer knows."""
     try:
         yield
-    except httpx.TimeoutException as exc:
+    except TimeoutError as exc:
+        # aiohttp's own timeouts (ServerTimeoutError, ConnectionTimeoutError)
+        # are TimeoutErrors too.
         raise ProviderTimeout(provider, f"timed out ({type(exc).__name__})") from exc
-    except httpx.RequestError as exc:
-        # ConnectError, RemoteProtocolError, ReadError...: the backend may be
+    except aiohttp.ClientError as exc:
+        # Connection refused, reset, a malformed chunk...: the backend may be
         # back on the next attempt. str(exc) carries no header, so no API key.
         detail = str(exc) or type(exc).__name__
         raise ProviderUnavailable(provider, f"{type(exc).__name__}: {detail}") from exc
+
+
+async def iter_lines(provider: str, response: aiohttp.ClientResponse) -> AsyncGenerator[str, None]:
+    """The body's lines as they arrive, ended by LF, CRLF or a lone CR, decoded as UTF-8."""
+    splitter = LineSplitter()
+    with transport_errors(provider):
+        async for chunk in response.content.iter_any():
+            lines = splitter.feed(chunk)
+            if splitter.pending > MAX_LINE_BYTES:
+                raise ProviderBadOutput(provider, f"a line longer than {MAX_LINE_BYTES} bytes")
+            for line in lines:
+                yield line
+    for line in splitter.close():
+        yield line
+
+
+_EOL = re.compile(r"\r\n|\r|\n")
+
+
+class LineSplitter:
+    """Incremental line splitting for streamed bodies.
+
+    aiohttp's own `readline` knows only LF and caps a line at 128 KiB with a
+    bare ValueError; event streams may end lines with a lone CR.
+    """
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._buffer = ""
+
+    @property
+    def pending(self) -> int:
+        return len(self._buffer)
+
+    def feed(self, chunk: bytes) -> list[str]:
+        return self._split(self._buffer + self._decoder.decode(chunk), final=False)
+
+    def close(self) -> list[str]:
+        lines = self._split(self._buffer + self._decoder.decode(b"", final=True), final=True)
+        if self._buffer:
+            lines.append(self._buffer)
+            self._buffer = ""
+        return lines
+
+    def _split(self, text: str, *, final: bool) -> list[str]:
+        lines: list[str] = []
+        start = 0
+        for match in _EOL.finditer(text):
+            if match.group() == "\r" and match.end() == len(text) and not final:
+                break  # maybe the first half of a CRLF split across chunks
+            lines.append(text[start : match.start()])
+            start = match.end()
+        self._buffer = text[start:]
+        return lines
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSentEvent:
+    event: str
+    data: str
+
+
+class SSEDecoder:
+    """Lines of a `text/event-stream` into events, as the WHATWG spec dispatches them.
+
+    Written here because the maintained parser (httpx-sse) reads only httpx
+    responses; this is the spec's algorithm for the fields OpenAI streams use.
+    """
+
+    def __init__(self) -> None:
+        self._event = ""
+        self._data: list[str] = []
+        self._first = True
+
+    def decode(self, line: str) -> ServerSentEvent | None:
+        if self._first:
+            self._first = False
+            line = line.removeprefix("\ufeff")
+        if not line:
+            if not self._data:
+                self._event = ""
+                return None
+            event = ServerSentEvent(self._event or "message", "\n".join(self._data))
+            self._event, self._data = "", []
+            return event
+        if line.startswith(":"):
+            return None  # a comment: keep-alive
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "data":
+            self._data.append(value)
+        elif name == "event":
+            self._event = value
+        # `id` and `retry` matter only to a client that reconnects; this one retries instead.
+        return None
+
+
+async def iter_sse(
+    provider: str, response: aiohttp.ClientResponse
+) -> AsyncGenerator[ServerSentEvent, None]:
+    """The events of a 2xx event-stream answer; any other content type is bad output."""
+    if response.content_type != "text/event-stream":
+        raise ProviderBadOutput(
+            provider, f"not an event stream: content type {response.content_type!r}"
+        )
+    decoder = SSEDecoder()
+    async for line in iter_lines(provider, response):
+        event = decoder.decode(line)
+        if event is not None:
+            yield event
 
 
 def error_for_status(
@@ -101,15 +337,6 @@ def error_for_status(
         return ProviderBadRequest(provider, f"HTTP {status}: {detail}")
     # 1xx/3xx (redirects are not followed): a proxy or a wrong URL in between.
     return ProviderUnavailable(provider, f"unexpected HTTP {status}: {detail}")
-
-
-def raise_for_status(provider: str, response: httpx.Response, secrets: Iterable[str] = ()) -> None:
-    """Raise the typed error for a non-2xx answer; the body must have been read."""
-    if response.is_success:
-        return
-    detail = error_detail(response.content, secrets)
-    retry_after = parse_retry_after(response.headers.get("retry-after"))
-    raise error_for_status(provider, response.status_code, detail, retry_after_s=retry_after)
 
 
 def error_detail(body: bytes, secrets: Iterable[str] = ()) -> str:

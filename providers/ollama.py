@@ -9,6 +9,7 @@ ignored by Ollama, which is why the body is built in one place.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
 from providers.base import ChatRequest, Completion, CompletionChunk, TokenUsage
@@ -19,13 +20,13 @@ from providers.errors import (
     ProviderUnavailable,
 )
 from providers.http import (
+    HttpClient,
     as_int,
     bad_shape,
-    build_client,
+    drain,
     excerpt,
+    iter_lines,
     parse_json,
-    raise_for_status,
-    transport_errors,
 )
 
 if TYPE_CHECKING:
@@ -46,7 +47,7 @@ class OllamaProvider:
     ) -> None:
         self._model = model
         self._keep_alive = keep_alive
-        self._client = build_client(base_url, timeout_s, verify=verify)
+        self._client = HttpClient(base_url, timeout_s, verify=verify)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> OllamaProvider:
@@ -78,10 +79,7 @@ class OllamaProvider:
 
     async def complete(self, request: ChatRequest) -> Completion:
         body = self._body(request, stream=False)
-        with transport_errors(self.name):
-            response = await self._client.post("/api/chat", json=body)
-        raise_for_status(self.name, response)
-        data = parse_json(self.name, response.content)
+        data = await self._client.request_json(self.name, "POST", "/api/chat", body=body)
         if not isinstance(data, dict):
             raise bad_shape(self.name, "answer is not an object", data)
         if "error" in data:
@@ -96,12 +94,10 @@ class OllamaProvider:
 
     async def stream(self, request: ChatRequest) -> AsyncGenerator[CompletionChunk, None]:
         body = self._body(request, stream=True)
-        with transport_errors(self.name):
-            async with self._client.stream("POST", "/api/chat", json=body) as response:
-                if not response.is_success:
-                    await response.aread()
-                    raise_for_status(self.name, response)
-                async for line in response.aiter_lines():
+        final: CompletionChunk | None = None
+        async with self._client.send(self.name, "POST", "/api/chat", body=body) as response:
+            async with aclosing(iter_lines(self.name, response)) as lines:
+                async for line in lines:
                     if not line.strip():
                         continue
                     data = parse_json(self.name, line)
@@ -111,19 +107,21 @@ class OllamaProvider:
                         raise self._error(data["error"])
                     model = _model(data, body["model"])
                     text = _content(self.name, data)
+                    if text:
+                        yield CompletionChunk(text=text, model=model)
                     if data.get("done") is True:
-                        if text:
-                            yield CompletionChunk(text=text, model=model)
-                        yield CompletionChunk(
+                        final = CompletionChunk(
                             model=model,
                             usage=_usage(data),
                             finish_reason=_finish_reason(data),
                             done=True,
                         )
-                        return
-                    if text:
-                        yield CompletionChunk(text=text, model=model)
-        raise ProviderUnavailable(self.name, "stream ended early (no line with done=true)")
+                        break
+            if final is not None:
+                await drain(response)
+        if final is None:
+            raise ProviderUnavailable(self.name, "stream ended early (no line with done=true)")
+        yield final
 
     async def list_models(self) -> list[str]:
         data = await self._tags()
@@ -143,10 +141,7 @@ class OllamaProvider:
         await self._client.aclose()
 
     async def _tags(self) -> dict[str, Any]:
-        with transport_errors(self.name):
-            response = await self._client.get("/api/tags")
-        raise_for_status(self.name, response)
-        data = parse_json(self.name, response.content)
+        data = await self._client.request_json(self.name, "GET", "/api/tags")
         if not isinstance(data, dict):
             raise bad_shape(self.name, "/api/tags answer is not an object", data)
         return data

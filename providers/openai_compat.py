@@ -9,21 +9,20 @@ are module-level because the embedded model speaks the same format.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
-
-from httpx_sse import SSEError, aconnect_sse
 
 from providers.base import ChatRequest, Completion, CompletionChunk, TokenUsage
 from providers.errors import ProviderBadOutput, ProviderUnavailable
 from providers.http import (
+    HttpClient,
     as_int,
     bad_shape,
-    build_client,
+    drain,
     error_message,
     excerpt,
+    iter_sse,
     parse_json,
-    raise_for_status,
-    transport_errors,
 )
 
 if TYPE_CHECKING:
@@ -52,7 +51,7 @@ class OpenAICompatProvider:
             headers["Authorization"] = f"Bearer {api_key}"
         if preferred_model:
             headers["X-Preferred-Model"] = preferred_model
-        self._client = build_client(base_url, timeout_s, headers=headers)
+        self._client = HttpClient(base_url, timeout_s, headers=headers)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> OpenAICompatProvider:
@@ -87,10 +86,9 @@ class OpenAICompatProvider:
 
     async def complete(self, request: ChatRequest) -> Completion:
         body = self._body(request, stream=False)
-        with transport_errors(self.name):
-            response = await self._client.post("/v1/chat/completions", json=body)
-        raise_for_status(self.name, response, self._secrets)
-        data = parse_json(self.name, response.content, self._secrets)
+        data = await self._client.request_json(
+            self.name, "POST", "/v1/chat/completions", body=body, secrets=self._secrets
+        )
         if isinstance(data, dict) and "error" in data:
             # An error object under a 2xx status: the upstream failed after
             # the proxy had already committed to success.
@@ -100,34 +98,34 @@ class OpenAICompatProvider:
     async def stream(self, request: ChatRequest) -> AsyncGenerator[CompletionChunk, None]:
         body = self._body(request, stream=True)
         parser = ChunkParser(self.name, body["model"])
-        with transport_errors(self.name):
-            async with aconnect_sse(
-                self._client, "POST", "/v1/chat/completions", json=body
-            ) as source:
-                response = source.response
-                if not response.is_success:
-                    # An error status comes with a JSON body, not an event stream.
-                    await response.aread()
-                    raise_for_status(self.name, response, self._secrets)
-                try:
-                    async for event in source.aiter_sse():
-                        if event.data.strip() == "[DONE]":
-                            yield parser.final()
-                            return
-                        if not event.data.strip():
-                            continue
-                        data = parse_json(self.name, event.data, self._secrets)
-                        if event.event == "error" or (isinstance(data, dict) and "error" in data):
-                            message = error_message(data) or event.data
-                            raise ProviderUnavailable(
-                                self.name, f"error mid-stream: {excerpt(message, self._secrets)}"
-                            )
-                        chunk = parser.feed(data)
-                        if chunk is not None:
-                            yield chunk
-                except SSEError as exc:
-                    raise ProviderBadOutput(self.name, f"not an event stream: {exc}") from None
-        if parser.finish_reason is None:
+        done = False
+        async with self._client.send(
+            self.name,
+            "POST",
+            "/v1/chat/completions",
+            body=body,
+            accept="text/event-stream",
+            secrets=self._secrets,
+        ) as response:
+            async with aclosing(iter_sse(self.name, response)) as events:
+                async for event in events:
+                    if not event.data.strip():
+                        continue
+                    if event.data.strip() == "[DONE]":
+                        done = True
+                        break
+                    data = parse_json(self.name, event.data, self._secrets)
+                    if event.event == "error" or (isinstance(data, dict) and "error" in data):
+                        message = error_message(data) or event.data
+                        raise ProviderUnavailable(
+                            self.name, f"error mid-stream: {excerpt(message, self._secrets)}"
+                        )
+                    chunk = parser.feed(data)
+                    if chunk is not None:
+                        yield chunk
+            if done:
+                await drain(response)
+        if not done and parser.finish_reason is None:
             raise ProviderUnavailable(self.name, "stream ended early (no [DONE], no finish_reason)")
         # Some servers omit `[DONE]`; a finish_reason already says the answer is whole.
         yield parser.final()
@@ -146,10 +144,9 @@ class OpenAICompatProvider:
         await self._client.aclose()
 
     async def _models(self) -> dict[str, Any]:
-        with transport_errors(self.name):
-            response = await self._client.get("/v1/models")
-        raise_for_status(self.name, response, self._secrets)
-        data = parse_json(self.name, response.content, self._secrets)
+        data = await self._client.request_json(
+            self.name, "GET", "/v1/models", secrets=self._secrets
+        )
         if not isinstance(data, dict):
             raise bad_shape(self.name, "/v1/models answer is not an object", data, self._secrets)
         return data

@@ -131,6 +131,9 @@ class FakeProvider:
         # Chat requests being answered right now, and the most seen at once.
         self.in_flight = 0
         self.max_in_flight = 0
+        # The client address of every request: one per TCP connection, so
+        # its size tells whether the client reused pooled connections.
+        self.peers: set[tuple[str, int]] = set()
         # A long benchmark would otherwise keep every request body in memory.
         self.record = record
         self._host = host
@@ -187,6 +190,9 @@ class FakeProvider:
         self, request: web.Request,
         handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
     ) -> web.StreamResponse:
+        if self.record and request.transport is not None:
+            host, port = request.transport.get_extra_info("peername")[:2]
+            self.peers.add((host, port))
         if request.method != "POST":
             return await handler(request)
         self.in_flight += 1

@@ -26,11 +26,12 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from config.settings import Settings
-from context.failover_store import DEGRADED_BACKEND, FailoverStateStore
+from context.failover_store import DEGRADED_BACKEND, UNREACHABLE, FailoverStateStore
 from context.memory_store import MemoryStateStore
+from context.redis_pool import BUSY, RedisBusy, pooled_client
 from context.redis_store import RedisStateStore
 from context.store import AdmitRequest, ConversationKey, RecordRequest, Turn, Verdict
-from tests.conftest import AMQP_URL, running_worker
+from tests.conftest import AMQP_URL, REDIS_URL, running_worker
 from tests.fake_provider import FakeProvider
 from worker.app import App, connection_name
 from worker.client import RouterClient, make_event
@@ -206,6 +207,42 @@ async def test_failover_store_gives_up_on_a_hung_redis_after_the_op_timeout(
     finally:
         private_redis.freeze(False)
         await store.aclose()
+
+
+async def test_a_full_pool_is_load_not_an_outage(redis_prefix: str) -> None:
+    """Every pooled connection in use: the call fails as busy (the event is retried),
+    the store stays on Redis, and the next call is served by Redis again."""
+    metrics = Metrics()
+    client = pooled_client(REDIS_URL, max_connections=1, pool_wait_s=0.1)
+    store = FailoverStateStore(RedisStateStore(client, redis_prefix), MemoryStateStore(),
+                               metrics, op_timeout_s=1.0)
+    holder = asyncio.create_task(client.blpop([f"{redis_prefix}never"], timeout=1))
+    try:
+        await eventually(lambda: not client.connection_pool.can_get_connection())
+        with pytest.raises(RedisBusy, match="no Redis connection came free"):
+            await store.admit(admit_request("e1"))
+        assert not store.degraded
+        assert store.backend == "redis"
+        assert gauge(metrics, "waddle_ai_state_degraded") == 0
+        assert gauge(metrics, "waddle_ai_state_errors_total", operation="admit") == 1
+        await holder
+        assert (await store.admit(admit_request("e1"))).admitted
+        assert await client.exists(f"{redis_prefix}lease:e1") == 1
+    finally:
+        holder.cancel()
+        await store.aclose()
+
+
+async def test_a_refused_connection_is_still_an_outage() -> None:
+    """The pool tells its own wait apart from Redis refusing the connection."""
+    client = pooled_client(f"redis://127.0.0.1:{free_port()}/0", max_connections=1,
+                           pool_wait_s=0.1, socket_connect_timeout=0.5)
+    try:
+        with pytest.raises(UNREACHABLE) as caught:
+            await client.ping()
+        assert not isinstance(caught.value, BUSY)
+    finally:
+        await client.aclose()
 
 
 # -- the worker through a Redis outage --------------------------------------

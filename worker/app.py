@@ -63,6 +63,9 @@ CHECK_TIMEOUT_S = 2.0
 # under CHECK_TIMEOUT_S so a readiness ping sees the switch, not its own timeout.
 REDIS_SOCKET_TIMEOUT_S = 1.0
 REDIS_OP_TIMEOUT_S = 1.5
+# A call waits at most this long for a free pooled connection, then fails as
+# "busy" (retried, no failover): under the op timeout, which then measures Redis.
+REDIS_POOL_WAIT_S = 0.75
 REDIS_RETRY_AFTER_S = 5.0
 RPC_PREFETCH = 16
 
@@ -98,6 +101,7 @@ def build_store(settings: Settings, metrics: Metrics) -> StateStore:
         key_prefix=settings.redis_key_prefix,
         socket_connect_timeout=REDIS_SOCKET_TIMEOUT_S,
         socket_timeout=REDIS_SOCKET_TIMEOUT_S,
+        pool_wait_s=REDIS_POOL_WAIT_S,
         # One immediate retry on a fresh connection: a pooled connection that
         # died with a Redis restart fails once and must not count as an outage.
         # The scripts are idempotent per attempt, so a retried one is harmless.
@@ -115,7 +119,7 @@ def build_rate_limiter(settings: Settings, store: StateStore) -> RateLimiter:
     redis = RedisRateLimiter.from_url(
         settings.redis_url, key_prefix=settings.redis_key_prefix,
         socket_connect_timeout=REDIS_SOCKET_TIMEOUT_S, socket_timeout=REDIS_SOCKET_TIMEOUT_S,
-        retry=Retry(NoBackoff(), 1),
+        pool_wait_s=REDIS_POOL_WAIT_S, retry=Retry(NoBackoff(), 1),
     )
     failover = store if isinstance(store, FailoverStateStore) else None
     return FailoverRateLimiter(

@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 
 # (path fragment, part); the innermost frame that belongs to one of these wins, so
 # stdlib frames (asyncio streams, contextlib) count for the library that called them.
+# aiohttp as the provider client (the sidecar's server idles while profiled);
+# httpx for the `httpx-provider` what-if.
+HTTP = "HTTP to the provider (aiohttp, yarl; httpx in what-ifs)"
 PARTS: tuple[tuple[str, str], ...] = (
     ("prometheus_client/", "metrics (prometheus_client)"),
     ("logging/", "logging"),
@@ -43,12 +46,16 @@ PARTS: tuple[tuple[str, str], ...] = (
     ("redis/", "Redis (redis-py)"),
     ("context/redis_store.py", "Redis (redis-py)"),
     ("context/failover_store.py", "Redis (redis-py)"),
-    ("httpx/", "HTTP to the provider (httpx, httpcore, anyio)"),
-    ("httpcore/", "HTTP to the provider (httpx, httpcore, anyio)"),
-    ("h11/", "HTTP to the provider (httpx, httpcore, anyio)"),
-    ("anyio/", "HTTP to the provider (httpx, httpcore, anyio)"),
-    ("sniffio/", "HTTP to the provider (httpx, httpcore, anyio)"),
-    ("providers/", "HTTP to the provider (httpx, httpcore, anyio)"),
+    ("context/redis_pool.py", "Redis (redis-py)"),
+    ("aiohttp/", HTTP),
+    ("yarl/", HTTP),
+    ("multidict/", HTTP),
+    ("httpx/", HTTP),
+    ("httpcore/", HTTP),
+    ("h11/", HTTP),
+    ("anyio/", HTTP),
+    ("sniffio/", HTTP),
+    ("providers/", HTTP),
     ("faststream/", "FastStream (dispatch, acks)"),
     ("fast_depends/", "FastStream (dispatch, acks)"),
     ("aiormq/", "AMQP (aio-pika, aiormq, pamqp)"),

@@ -532,10 +532,8 @@ class FailoverRateLimiter(_OneKeyHit):
         if self._degraded():
             return await self._fallback.hit_all(checks, now_ms=now_ms, event_id=event_id)
         try:
-            decision = await asyncio.wait_for(
-                self._primary.hit_all(checks, now_ms=now_ms, event_id=event_id),
-                self._op_timeout_s,
-            )
+            async with asyncio.timeout(self._op_timeout_s):
+                decision = await self._primary.hit_all(checks, now_ms=now_ms, event_id=event_id)
         except BUSY:
             # A busy replica, not a dead Redis: counting in memory would hand
             # this event a budget of its own; the event is retried instead.

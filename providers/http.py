@@ -175,9 +175,12 @@ async def drain(response: aiohttp.ClientResponse, grace_s: float = DRAIN_GRACE_S
     reply. A server that holds the body open after its last event must not
     fail a complete answer: after `grace_s` its connection is dropped instead.
     """
+    content = response.content
+    if content.at_eof():
+        return  # the usual case: the end came with the last event
     try:
         async with asyncio.timeout(grace_s):
-            while await response.content.readany():
+            while await content.readany():
                 pass
     except (TimeoutError, aiohttp.ClientError):
         response.close()

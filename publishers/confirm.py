@@ -87,7 +87,10 @@ async def _publish(
     timeout_s: float, where: str,
 ) -> None:
     try:
-        await exchange.publish(message, routing_key=routing_key, mandatory=True, timeout=timeout_s)
+        # Our own deadline, not publish(timeout=...): aiormq implements that with
+        # asyncio.wait_for, one extra task for every reply (bench/RESULTS.md).
+        async with asyncio.timeout(timeout_s):
+            await exchange.publish(message, routing_key=routing_key, mandatory=True)
     except PublishError as exc:
         raise PublishFailed(f"{where}: unroutable (no queue is bound for it)") from exc
     except DeliveryError as exc:

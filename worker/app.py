@@ -61,7 +61,10 @@ CHECK_TIMEOUT_S = 2.0
 # A dead Redis must cost an event about a second, not the OS's TCP timeouts:
 # after that the failover store serves it from memory. The op timeout stays
 # under CHECK_TIMEOUT_S so a readiness ping sees the switch, not its own timeout.
-REDIS_SOCKET_TIMEOUT_S = 1.0
+# It is the only deadline on a command: redis-py's own `socket_timeout` would
+# start an extra task for every command it sends (bench/RESULTS.md), so only
+# connecting has a socket timeout.
+REDIS_CONNECT_TIMEOUT_S = 1.0
 REDIS_OP_TIMEOUT_S = 1.5
 # A call waits at most this long for a free pooled connection, then fails as
 # "busy" (retried, no failover): under the op timeout, which then measures Redis.
@@ -99,8 +102,7 @@ def build_store(settings: Settings, metrics: Metrics) -> StateStore:
     redis = RedisStateStore.from_url(
         settings.redis_url,
         key_prefix=settings.redis_key_prefix,
-        socket_connect_timeout=REDIS_SOCKET_TIMEOUT_S,
-        socket_timeout=REDIS_SOCKET_TIMEOUT_S,
+        socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
         pool_wait_s=REDIS_POOL_WAIT_S,
         # One immediate retry on a fresh connection: a pooled connection that
         # died with a Redis restart fails once and must not count as an outage.
@@ -118,8 +120,8 @@ def build_rate_limiter(settings: Settings, store: StateStore) -> RateLimiter:
         return memory
     redis = RedisRateLimiter.from_url(
         settings.redis_url, key_prefix=settings.redis_key_prefix,
-        socket_connect_timeout=REDIS_SOCKET_TIMEOUT_S, socket_timeout=REDIS_SOCKET_TIMEOUT_S,
-        pool_wait_s=REDIS_POOL_WAIT_S, retry=Retry(NoBackoff(), 1),
+        socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S, pool_wait_s=REDIS_POOL_WAIT_S,
+        retry=Retry(NoBackoff(), 1),
     )
     failover = store if isinstance(store, FailoverStateStore) else None
     return FailoverRateLimiter(

@@ -206,8 +206,9 @@ class InteractionPipeline:
         self, event: InteractionEvent, delivery: Delivery, profile: CommunityProfile,
         trigger: Trigger, history: list[Turn], started: float,
     ) -> Outcome:
+        messages = build_messages(event, trigger, profile.persona, history)
         request = ChatRequest(
-            messages=build_messages(event, trigger, profile.persona, history),
+            messages=messages,
             temperature=profile.temperature,
             max_tokens=reply_token_budget(
                 profile.max_tokens, reply_limit(event.platform, profile.max_reply_chars)),
@@ -228,7 +229,7 @@ class InteractionPipeline:
         text = make_safe(
             completion.text, event.platform, prefix=profile.response_prefix,
             max_chars=profile.max_reply_chars, allow_links=profile.allow_links,
-            blocked_words=profile.blocked_words,
+            blocked_words=profile.blocked_words, prompt=messages[0].content,
         )
         if not text:
             return Failed(Failure(

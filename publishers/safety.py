@@ -27,6 +27,11 @@ Decisions on the cases the brief leaves open:
   Slack's `<https://x|label>` goes whole, label included.
 * When the prefix leaves no room at all under the limit, the prefix is
   dropped rather than the reply.
+* Small models parrot: they repeat a sentence until the length cap, or recite
+  their own instructions ("The from attribute is only the viewer's display
+  name."). A sentence already said in the reply goes, and so does one that
+  shares a run of `PROMPT_ECHO_WORDS` words with the system prompt: the
+  prompt is never to be revealed, and such a sentence is never a reply.
 """
 
 from __future__ import annotations
@@ -72,6 +77,9 @@ _INVISIBLE_RE = re.compile(
     "\u0000-\u0008\u000e-\u001b\u007f-\u0084\u0086-\u009f]"
 )
 _WHITESPACE_RE = re.compile(r"\s+")
+_SENTENCE_END_RE = re.compile(r"(?<=[.!?…])\s+")
+_WORD_RE = re.compile(r"[\w']+")
+PROMPT_ECHO_WORDS = 7
 
 _DISCORD_USER_RE = re.compile(r"<@!?\d+>")
 _DISCORD_ROLE_RE = re.compile(r"<@&\d+>")
@@ -123,6 +131,31 @@ def collapse_whitespace(text: str) -> str:
     """Chat is one line; invisible characters could hide a command or a mention from later rules."""
     text = _INVISIBLE_RE.sub("", text)
     return _WHITESPACE_RE.sub(" ", text).strip()
+
+
+def _words(text: str) -> list[str]:
+    return _WORD_RE.findall(text.lower().replace("’", "'"))
+
+
+def _runs(words: Sequence[str], size: int) -> set[tuple[str, ...]]:
+    return {tuple(words[i : i + size]) for i in range(len(words) - size + 1)}
+
+
+def drop_parroting(text: str, prompt: str = "") -> str:
+    """Drop sentences said twice in one reply, and sentences that recite the prompt."""
+    prompt_runs = _runs(_words(prompt), PROMPT_ECHO_WORDS) if prompt else set()
+    seen: set[tuple[str, ...]] = set()
+    kept: list[str] = []
+    for sentence in _SENTENCE_END_RE.split(text):
+        words = tuple(_words(sentence))
+        if words and words in seen:
+            continue
+        if prompt_runs and not prompt_runs.isdisjoint(_runs(words, PROMPT_ECHO_WORDS)):
+            continue
+        if words:
+            seen.add(words)
+        kept.append(sentence)
+    return " ".join(kept)
 
 
 def remove_links(text: str) -> str:
@@ -205,12 +238,17 @@ def make_safe(
     max_chars: int | None = None,
     allow_links: bool = True,
     blocked_words: Sequence[str] = (),
+    prompt: str = "",
 ) -> str:
-    """The one door between a model and a chat: "" means there is nothing fit to post."""
+    """The one door between a model and a chat: "" means there is nothing fit to post.
+
+    `prompt` is the system message the model was given: sentences reciting it are dropped.
+    """
     limit = reply_limit(platform, max_chars)
     text = strip_reasoning(text)
     text = strip_prompt_wrapper(text)
     text = collapse_whitespace(text)
+    text = drop_parroting(text, prompt)
     if not allow_links:
         text = remove_links(text)
     if blocked_words:

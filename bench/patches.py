@@ -131,8 +131,19 @@ def gc_log() -> None:
     import gc
     import sys
     import time
+    from collections import Counter
+
+    from worker.app import App
 
     started: dict[str, float] = {}
+    modules_at_start: set[str] = set()
+    original = App.start
+
+    async def start(self: App) -> None:
+        await original(self)
+        modules_at_start.update(sys.modules)
+
+    App.start = start  # type: ignore[method-assign]
 
     def callback(phase: str, info: dict[str, int]) -> None:
         if phase == "start":
@@ -140,8 +151,18 @@ def gc_log() -> None:
             return
         ms = (time.perf_counter() - started.get("t", 0.0)) * 1000
         if ms > 5:
+            # What the slow collection walked: the oldest generation, by type.
+            census = Counter(type(o).__name__ for o in gc.get_objects(2))
+            if not modules_at_start:
+                print(f"gc: generation {info['generation']} took {ms:.1f} ms during start-up",
+                      file=sys.stderr, flush=True)
+                return
+            since_start = sorted(set(sys.modules) - modules_at_start)
             print(f"gc: generation {info['generation']} took {ms:.1f} ms, "
-                  f"collected {info['collected']}", file=sys.stderr, flush=True)
+                  f"collected {info['collected']}; {census.total()} objects in generation 2, "
+                  f"{gc.get_freeze_count()} frozen, "
+                  f"most: {census.most_common(8)}; modules imported since start: "
+                  f"{since_start}", file=sys.stderr, flush=True)
 
     gc.callbacks.append(callback)
 

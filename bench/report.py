@@ -13,18 +13,19 @@ import importlib.metadata
 import os
 import platform
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bench.common import AMQP_URL, REDIS_URL
 
 if TYPE_CHECKING:
-    from bench.harness import Results
+    from bench.harness import LatencyRun, Results
 
 ANALYSIS_BEGIN = "<!-- analysis:begin -->"
 ANALYSIS_END = "<!-- analysis:end -->"
-PACKAGES = ("aio-pika", "aiormq", "faststream", "httpx", "httpcore", "redis", "pydantic",
-            "uvloop", "orjson", "xllamacpp")
+PACKAGES = ("aio-pika", "aiormq", "faststream", "aiohttp", "yarl", "httpx", "redis",
+            "pydantic", "uvloop", "orjson", "xllamacpp")
 
 # The goals of issue 6.
 WORKER_VS_FLOOR = 0.9
@@ -127,10 +128,12 @@ def goals(results: Results) -> list[tuple[str, str, bool | None]]:
     else:
         rows.append((f"slow provider ≥ {SLOW_VS_IDEAL} × ideal", "not measured", None))
         rows.append((f"peak RSS ≤ {RSS_LIMIT_MB:.0f} MB", "not measured", None))
-    lat = next((r for r in results.latency if r.system == "worker"), None)
+    lat = median_latency_run(results.latency, "worker")
     if lat is not None:
+        runs = sum(r.system == "worker" for r in results.latency)
         rows.append((f"added latency p99 ≤ {P99_LIMIT_MS:g} ms at half load",
-                     f"**{lat.p99_ms:.1f} ms** at {lat.rate_per_s:,.0f} events/s",
+                     f"**{lat.p99_ms:.1f} ms** at {lat.rate_per_s:,.0f} events/s"
+                     + (f" (median of {runs} runs)" if runs > 1 else ""),
                      lat.p99_ms <= P99_LIMIT_MS))
     else:
         rows.append((f"added latency p99 ≤ {P99_LIMIT_MS:g} ms at half load", "not measured",
@@ -153,6 +156,12 @@ def _kept_analysis(out: Path) -> str | None:
     if ANALYSIS_BEGIN in text and ANALYSIS_END in text:
         return text.split(ANALYSIS_BEGIN, 1)[1].split(ANALYSIS_END, 1)[0].strip("\n")
     return None
+
+
+def median_latency_run(runs: Sequence[LatencyRun], system: str) -> LatencyRun | None:
+    """The run with the median p99 (the lower middle one of an even count)."""
+    mine = sorted((r for r in runs if r.system == system), key=lambda r: r.p99_ms)
+    return mine[(len(mine) - 1) // 2] if mine else None
 
 
 def render(results: Results, env: dict[str, Any], analysis: str | None) -> str:
@@ -191,7 +200,8 @@ def render(results: Results, env: dict[str, Any], analysis: str | None) -> str:
     add(f"| Redis | {env.get('redis_server')} |")
     add(f"| aio-pika / aiormq | {env.get('aio-pika')} / {env.get('aiormq')} |")
     add(f"| FastStream | {env.get('faststream')} |")
-    add(f"| httpx / httpcore | {env.get('httpx')} / {env.get('httpcore')} |")
+    add(f"| aiohttp / yarl (provider client) | {env.get('aiohttp')} / {env.get('yarl')} |")
+    add(f"| httpx (only the `httpx-provider` what-if) | {env.get('httpx')} |")
     add(f"| redis-py / pydantic / orjson | {env.get('redis')} / {env.get('pydantic')} / "
         f"{env.get('orjson')} |")
     add(f"| xllamacpp (embedded model) | {env.get('xllamacpp')} |")
@@ -244,7 +254,7 @@ def render(results: Results, env: dict[str, Any], analysis: str | None) -> str:
         add("")
         add("| system | events/s | events measured | p50 ms | p95 ms | p99 ms | max ms | CPU |")
         add("|---|---|---|---|---|---|---|---|")
-        for lat in results.latency:
+        for lat in sorted(results.latency, key=lambda r: r.system != "worker"):
             add(f"| {lat.system} | {lat.rate_per_s:,.0f} | {lat.measured} | {lat.p50_ms:.1f} | "
                 f"{lat.p95_ms:.1f} | {lat.p99_ms:.1f} | {lat.max_ms:.1f} | "
                 f"{_cpu(lat.cpu, lat.system)} |")

@@ -141,9 +141,15 @@ def _runs(words: Sequence[str], size: int) -> set[tuple[str, ...]]:
     return {tuple(words[i : i + size]) for i in range(len(words) - size + 1)}
 
 
+@lru_cache(maxsize=64)
+def _prompt_runs(prompt: str) -> frozenset[tuple[str, ...]]:
+    """A community's system prompts are few (per trigger and platform): shingle each once."""
+    return frozenset(_runs(_words(prompt), PROMPT_ECHO_WORDS))
+
+
 def drop_parroting(text: str, prompt: str = "") -> str:
     """Drop sentences said twice in one reply, and sentences that recite the prompt."""
-    prompt_runs = _runs(_words(prompt), PROMPT_ECHO_WORDS) if prompt else set()
+    prompt_runs = _prompt_runs(prompt) if prompt else frozenset()
     seen: set[tuple[str, ...]] = set()
     kept: list[str] = []
     for sentence in _SENTENCE_END_RE.split(text):

@@ -167,11 +167,46 @@ def gc_log() -> None:
     gc.callbacks.append(callback)
 
 
+def loop_lag() -> None:
+    """Diagnostics, not a fix: every event-loop stall over 20 ms, to the worker's stderr.
+
+    A 5 ms timer that fires late by more than 20 ms means the loop was held up.
+    The process's CPU time over the stall tells which way: about the stall's
+    length means our own code ran without yielding; near zero means the
+    process was not running at all (the machine was busy elsewhere).
+    """
+    import asyncio
+    import sys
+    import time
+
+    from worker.app import App
+
+    original = App.start
+
+    async def watch() -> None:
+        while True:
+            wall, cpu = time.perf_counter(), time.process_time()
+            await asyncio.sleep(0.005)
+            lag_ms = (time.perf_counter() - wall) * 1000 - 5
+            if lag_ms > 20:
+                cpu_ms = (time.process_time() - cpu) * 1000
+                print(f"lag: loop held up {lag_ms:.1f} ms, process CPU meanwhile "
+                      f"{cpu_ms:.1f} ms", file=sys.stderr, flush=True)
+
+    async def start(self: App) -> None:
+        await original(self)
+        tasks.append(asyncio.get_running_loop().create_task(watch()))
+
+    tasks: list[asyncio.Task[None]] = []
+    App.start = start  # type: ignore[method-assign]
+
+
 PATCHES: dict[str, Callable[[], Any]] = {
     "httpx-provider": httpx_provider,
     "no-gc-freeze": no_gc_freeze,
     "redis-capped-pool": redis_capped_pool,
     "gc-log": gc_log,
+    "loop-lag": loop_lag,
 }
 
 

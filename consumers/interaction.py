@@ -66,6 +66,20 @@ def choose_delay(delays_ms: Sequence[int], attempt: int, retry_after_s: float | 
     return delay
 
 
+def defer_delay(delays_ms: Sequence[int], after_ms: int | None) -> int:
+    """The longest delay step that ends before another attempt's lease does.
+
+    So a copy waiting on a dead worker's lease comes back a few times, not
+    once a second (45 round trips at the defaults), and still no later than
+    the shortest step after the lease expires: waiting past it could make the
+    event stale.
+    """
+    if after_ms is None:
+        return min(delays_ms)
+    fitting = [d for d in delays_ms if d <= after_ms]
+    return max(fitting) if fitting else min(delays_ms)
+
+
 class InteractionConsumer:
     def __init__(
         self,
@@ -227,7 +241,8 @@ class InteractionConsumer:
         carried = {headers.FIRST_RECEIVED_AT: delivery.first_received_at.isoformat()}
         if isinstance(outcome, Deferred):
             failure = Failure(outcome.reason, "another copy of this event is being answered")
-            return await self._retry(message, failure, self._delays[0], carried, count=False)
+            delay = defer_delay(self._delays, outcome.after_ms)
+            return await self._retry(message, failure, delay, carried, count=False)
         if not outcome.retryable:
             return await self._dead_letter(message, outcome.failure, carried)
         attempt = retry_count(message.headers)

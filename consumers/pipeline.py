@@ -85,9 +85,16 @@ class Failed:
 
 @dataclass(frozen=True, slots=True)
 class Deferred:
-    """Another copy of this event is being answered elsewhere; look again shortly."""
+    """Another copy of this event is being answered elsewhere; look again later.
+
+    `after_ms`: how long the other attempt's lease still runs (None: unknown).
+    Either that attempt answers meanwhile, and this copy is then skipped as
+    already answered, or it died, and this copy takes over once its lease
+    expires; coming back much sooner only defers it again.
+    """
 
     reason: str
+    after_ms: int | None = None
 
 
 Outcome = Replied | Skipped | Failed | Deferred
@@ -178,7 +185,7 @@ class InteractionPipeline:
             self._metrics.dedupe_hits.inc()
             return Skipped("duplicate")
         if admission.verdict is Verdict.IN_FLIGHT_ELSEWHERE:
-            return Deferred("in_flight_elsewhere")
+            return Deferred("in_flight_elsewhere", admission.lease_left_ms)
         if admission.verdict is Verdict.REPLY_PENDING and admission.pending_reply is not None:
             return await self._republish(event, delivery, key, profile, admission.pending_reply)
         if not admission.admitted:

@@ -78,6 +78,10 @@ class _ExpiringMap(Generic[K, V]):
     def delete(self, key: K) -> None:
         self._data.pop(key, None)
 
+    def expires_at(self, key: K) -> float | None:
+        entry = self._data.get(key)
+        return None if entry is None else entry[1]
+
     def prune(self, now: float) -> None:
         heap = self._heap
         while heap and heap[0][0] <= now:
@@ -147,7 +151,9 @@ class MemoryStateStore:
             return Admission(Verdict.ALREADY_ANSWERED)
         lease = self._leases.get(event_id, now)
         if lease is not None and lease != request.attempt_id:
-            return Admission(Verdict.IN_FLIGHT_ELSEWHERE)
+            expires_at = self._leases.expires_at(event_id)
+            left = None if expires_at is None else max(0, int((expires_at - now) * 1000))
+            return Admission(Verdict.IN_FLIGHT_ELSEWHERE, lease_left_ms=left)
         pending = self._outbox.get(event_id, now)
         if pending is not None:
             self._leases.set(event_id, request.attempt_id, now + request.lease_ms / 1000)

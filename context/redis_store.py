@@ -39,14 +39,15 @@ log = logging.getLogger(__name__)
 # ARGV: event_id, attempt_id, lease_ms, user_cooldown_ms, channel_cooldown_ms, history_turns
 # A cooldown of 0 ms is neither checked nor claimed: this event has no such cooldown
 # (a mention skips the channel's; a community may have none).
-# Returns {code} when refused, {0, history entries} when admitted.
+# Returns {code} when refused ({2, lease ms left} for a lease held elsewhere),
+# {5, stashed reply} for a reply pending, {0, history entries} when admitted.
 _ADMIT_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return {1}
 end
 local lease = redis.call('GET', KEYS[2])
 if lease and lease ~= ARGV[2] then
-  return {2}
+  return {2, redis.call('PTTL', KEYS[2])}
 end
 local pending = redis.call('GET', KEYS[6])
 if pending then
@@ -234,6 +235,10 @@ class RedisStateStore:
         code = int(result[0])
         if code == 5:
             return Admission(Verdict.REPLY_PENDING, pending_reply=bytes(result[1]))
+        if code == 2:
+            left = int(result[1])  # -1: a lease without expiry, which we never set
+            return Admission(Verdict.IN_FLIGHT_ELSEWHERE,
+                             lease_left_ms=left if left >= 0 else None)
         if code != 0:
             return Admission(_REFUSALS[code])
         history: list[Turn] = []

@@ -81,6 +81,9 @@ class Admission:
     history: list[Turn] = field(default_factory=list)
     # With REPLY_PENDING: the reply the earlier attempt was publishing.
     pending_reply: bytes | None = None
+    # With IN_FLIGHT_ELSEWHERE: how long the other attempt's lease still runs
+    # (None: unknown). A copy deferred for less only comes back to be deferred again.
+    lease_left_ms: int | None = None
 
     @property
     def admitted(self) -> bool:

@@ -181,6 +181,33 @@ async def test_concurrent_copies_of_one_event_give_one_reply(
     assert fake.calls == 1
 
 
+async def test_a_copy_held_by_a_dead_workers_lease_waits_in_long_steps(
+    make_settings: Callable[..., Settings], fake: FakeProvider, router_client: RouterClient,
+) -> None:
+    """A worker died while answering: its lease holds the redelivered copy back. The copy
+    waits in the longest delay step that ends before the lease does, not in the shortest
+    one again and again, and is answered once the lease is gone."""
+    settings = make_settings(ai_provider="ollama", ollama_host=fake.url,
+                             retry_delays_ms=[100, 200, 400, 800])
+    event = make_event("hello everyone", community="c1", channel="ch1", user="u1")
+    key = ConversationKey(community_id="c1", channel_id="ch1", user_id="u1", platform="twitch")
+    async with running_worker(settings) as app:
+        dead = await app.store.admit(AdmitRequest(
+            event_id=event["event_id"], attempt_id="dead-worker", key=key,
+            user_cooldown_ms=0, channel_cooldown_ms=0, lease_ms=1_500, history_turns=0))
+        assert dead.admitted
+        await router_client.publish(event)
+        message = await router_client.next_reply(REPLY_TIMEOUT_S)
+        waits = {delay: await metric_value(app, "waddle_ai_retries_total", delay_ms=str(delay),
+                                           error_type="in_flight_elsewhere")
+                 for delay in (100, 200, 400, 800)}
+    assert orjson.loads(message.body)["event_id"] == event["event_id"]
+    assert waits[800] == 1  # 1.5 s of lease left: the 800 ms step first
+    # Then what the lease has left picks the step: a handful in all, not 15 of 100 ms.
+    assert sum(waits.values()) <= 4
+    assert fake.calls == 1
+
+
 async def test_transient_provider_failures_are_retried_until_answered(
     ollama_settings: Settings, router_client: RouterClient, fake: FakeProvider,
     topology: Topology,

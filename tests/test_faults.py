@@ -276,7 +276,7 @@ async def test_kill_9_mid_burst_loses_nothing_and_answers_nothing_twice(
     """A node dies with 50 events in hand: the broker gives them to the next worker.
 
     Those whose reply went out before the kill are recognised by their reply
-    marker; the others wait (deferred through the first delay queue) until the
+    marker; the others wait (deferred in delay steps that end before the leases do) until the
     dead worker's in-flight leases expire, then are answered, once.
 
     A duplicate here means the dead worker's reply reached the broker but its

@@ -154,6 +154,9 @@ async def test_second_attempt_is_in_flight_elsewhere(harness: Harness) -> None:
     assert (await store.admit(admit_req("e1", attempt_id="a1"))).admitted
     admission = await store.admit(admit_req("e1", attempt_id="a2"))
     assert admission.verdict is Verdict.IN_FLIGHT_ELSEWHERE
+    # How long the other attempt's lease still runs (30 s were taken a moment ago).
+    assert admission.lease_left_ms is not None
+    assert 25_000 < admission.lease_left_ms <= 30_000
 
 
 async def test_same_attempt_is_readmitted(harness: Harness) -> None:

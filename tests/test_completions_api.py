@@ -101,6 +101,7 @@ def serve() -> ApiFactory:
         keys: Sequence[str] = (KEY, OTHER_KEY),
         temperature: float = 0.7,
         max_tokens: int = 500,
+        max_concurrent: int = 32,
     ) -> AsyncIterator[Api]:
         metrics = Metrics()
         router = ProviderRouter(providers, metrics)
@@ -114,7 +115,8 @@ def serve() -> ApiFactory:
             return True, {}
 
         sidecar = Sidecar(host="127.0.0.1", port=0, metrics=metrics, readiness=ready,
-                          extra_routes=completion_routes(service, keys, metrics))
+                          extra_routes=completion_routes(service, keys, metrics,
+                                                         max_concurrent=max_concurrent))
         await sidecar.start()
         try:
             yield Api(f"http://127.0.0.1:{sidecar.bound_port}", service, metrics, clock)
@@ -518,6 +520,30 @@ async def test_rate_limit_passes_through_with_retry_after(
     assert limited.value.response.headers["retry-after"] == "7"
     assert limited.value.code == "rate_limit_exceeded"
     assert "rate limit exceeded" in limited.value.message
+
+
+async def test_requests_past_the_concurrency_limit_get_429_at_once(
+    serve: ApiFactory, fake: FakeProvider
+) -> None:
+    fake.latency_s = 1.0
+    async with serve({OLLAMA: ollama(fake)}, max_concurrent=2) as api:
+        async def ask() -> tuple[int, dict[str, Any], dict[str, str]]:
+            return await post_raw(api.url, orjson.dumps({"model": "auto", "messages": HELLO}))
+
+        first = asyncio.create_task(ask())
+        second = asyncio.create_task(ask())
+        while fake.in_flight < 2:  # noqa: ASYNC110 - polling the fake's own counter
+            await asyncio.sleep(0.01)
+        status, body, headers = await ask()
+        assert status == 429
+        assert headers["Retry-After"] == "1"
+        assert body["error"]["code"] == "too_many_concurrent_requests"
+        # Meanwhile a caller without a key learns nothing about the load.
+        assert (await post_raw(api.url, b"{}", key=None))[0] == 401
+        assert [(await first)[0], (await second)[0]] == [200, 200]
+        assert (await ask())[0] == 200  # the slots are free again
+    assert fake.calls == 3
+    assert api.metric("too_many_concurrent_requests") == 1
 
 
 async def test_timeout_is_a_gateway_timeout(serve: ApiFactory, fake: FakeProvider) -> None:

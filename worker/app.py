@@ -260,7 +260,8 @@ class App:
         self.sidecar = Sidecar(
             host=s.sidecar_host, port=s.sidecar_port, metrics=self.metrics,
             readiness=self.readiness,
-            extra_routes=completion_routes(self.completions, s.api_keys, self.metrics),
+            extra_routes=completion_routes(self.completions, s.api_keys, self.metrics,
+                                           max_concurrent=s.completions_max_concurrent),
         )
         await self.sidecar.start()
 

@@ -44,11 +44,18 @@ READ_CHUNK_BYTES = 64 * 1024
 TRANSPORT = "http"
 
 
+DEFAULT_MAX_CONCURRENT = 32
+
+
 def completion_routes(
-    service: CompletionService, api_keys: Sequence[str], metrics: Metrics | None = None
+    service: CompletionService,
+    api_keys: Sequence[str],
+    metrics: Metrics | None = None,
+    *,
+    max_concurrent: int = DEFAULT_MAX_CONCURRENT,
 ) -> list[web.RouteDef]:
     """The routes to hand to `Sidecar(extra_routes=...)`."""
-    api = _CompletionsApi(service, api_keys, metrics)
+    api = _CompletionsApi(service, api_keys, metrics, max_concurrent)
     return [
         web.post(CHAT_PATH, api.chat),
         web.post(CHAT_ALIAS_PATH, api.chat),
@@ -58,9 +65,21 @@ def completion_routes(
 
 class _CompletionsApi:
     def __init__(
-        self, service: CompletionService, api_keys: Sequence[str], metrics: Metrics | None
+        self,
+        service: CompletionService,
+        api_keys: Sequence[str],
+        metrics: Metrics | None,
+        max_concurrent: int,
     ) -> None:
+        if max_concurrent < 1:
+            raise ValueError("max_concurrent must be at least 1")
         self._service = service
+        # The API shares the worker's process, provider pool and circuit
+        # breakers with the chat pipeline: a burst of API calls must not
+        # starve the chat. Past the limit a caller gets 429 and Retry-After
+        # at once, which OpenAI clients retry on their own.
+        self._max_concurrent = max_concurrent
+        self._in_flight = 0
         # A blank key would let `Authorization: Bearer ` in; it is never a key.
         self._key_digests = [_digest(key.strip()) for key in api_keys if key.strip()]
         self._metrics: CompletionMetrics | None = (
@@ -72,6 +91,18 @@ class _CompletionsApi:
         started = time.perf_counter()
         try:
             self._authenticate(request)
+            if self._in_flight >= self._max_concurrent:
+                raise too_busy(self._max_concurrent)
+        except CompletionError as exc:
+            return self._error(exc, started)
+        self._in_flight += 1
+        try:
+            return await self._chat(request, started)
+        finally:
+            self._in_flight -= 1
+
+    async def _chat(self, request: web.Request, started: float) -> web.StreamResponse:
+        try:
             parsed = parse_request(await _read_body(request))
             if parsed.streamed:
                 return await self._stream(request, parsed, started)
@@ -185,6 +216,12 @@ async def _read_body(request: web.Request) -> bytes:
 
 def _unauthorized(message: str) -> CompletionError:
     return CompletionError(401, message, type="invalid_request_error", code="invalid_api_key")
+
+
+def too_busy(limit: int) -> CompletionError:
+    return CompletionError(
+        429, f"this worker is answering {limit} completion requests already; retry shortly",
+        type="rate_limit_error", code="too_many_concurrent_requests", retry_after_s=1.0)
 
 
 def _digest(key: str) -> bytes:

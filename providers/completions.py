@@ -8,8 +8,9 @@ and the OpenAI shapes of answers, stream chunks and errors.
 
 Non-streamed answers go through `ProviderRouter.complete()` (fallback chain,
 circuit breakers). Streamed answers cannot: the router collects the whole
-answer before returning. `stream()` therefore walks the chain itself, and may
-move to the next provider only until the first piece of text exists; after
+answer before returning. `stream()` therefore walks the chain itself, through
+the router's circuit breakers (a stream's result counts for its provider), and
+may move to the next provider only until the first piece of text exists; after
 that the client has seen part of one provider's answer, and an error can only
 end the stream.
 """
@@ -34,6 +35,7 @@ from pydantic_core import PydanticCustomError
 
 from config.settings import ProviderName
 from providers.base import ChatMessage, ChatRequest, CompletionChunk, Provider, TokenUsage
+from providers.breaker import CircuitOpen, Ticket
 from providers.errors import (
     ProviderBadOutput,
     ProviderBadRequest,
@@ -327,6 +329,8 @@ class _OpenStream:
     first: CompletionChunk | None
     started: float
     position: int
+    # The circuit breaker's leave for this call, settled when the stream ends.
+    ticket: Ticket
 
 
 class CompletionService:
@@ -432,8 +436,10 @@ class CompletionService:
                         finish_reason = piece.finish_reason
                     piece = await anext(opened.chunks, None)
             except ProviderError as exc:
+                opened.ticket.record_failure(exc)
                 self._count_error(opened.provider, exc)
                 raise self._failed(exc, request) from exc
+            opened.ticket.record_success()
             self._count_success(opened)
             yield chunk({}, _finish_reason(finish_reason))
             if include_usage:
@@ -447,6 +453,8 @@ class CompletionService:
                 "prompt_tokens": usage.prompt_tokens,
                 "completion_tokens": usage.completion_tokens})
         finally:
+            # A client that left mid-stream judged nothing about the provider.
+            opened.ticket.release()
             await _aclose(opened.chunks)
 
     async def models(self) -> dict[str, Any]:
@@ -511,6 +519,13 @@ class CompletionService:
         last_error: ProviderError | None = None
         for position, name in enumerate(chain):
             provider = self._router.get(name)
+            # The same breakers as the chat pipeline's: a provider whose circuit
+            # is open is skipped here too, and a stream's result counts for it.
+            breaker = self._router.breaker(name)
+            ticket = breaker.allow()
+            if ticket is None:
+                last_error = CircuitOpen(provider.name, breaker.retry_in_s())
+                continue
             asked = chat if position == 0 else _without_model(chat)
             started = time.perf_counter()
             chunks = provider.stream(asked)
@@ -519,6 +534,7 @@ class CompletionService:
             except StopAsyncIteration:
                 first = None
             except ProviderError as exc:
+                ticket.record_failure(exc)
                 await _aclose(chunks)
                 self._count_error(provider, exc)
                 last_error = exc
@@ -529,9 +545,10 @@ class CompletionService:
                     "error_type": exc.error_type, "error": scrub(str(exc), self._secrets)})
                 continue
             except BaseException:
+                ticket.release()
                 await _aclose(chunks)
                 raise
-            return _OpenStream(provider, chunks, first, started, position)
+            return _OpenStream(provider, chunks, first, started, position, ticket)
         assert last_error is not None
         raise self._failed(last_error, request)
 

@@ -22,7 +22,9 @@ import pytest
 
 from config.settings import ProviderName
 from providers.base import Provider
+from providers.breaker import DEFAULT_FAILURE_THRESHOLD, DEFAULT_OPEN_S
 from providers.completions import MAX_BODY_BYTES, MAX_CONTENT_CHARS, CompletionService
+from providers.errors import ProviderUnavailable
 from providers.ollama import OllamaProvider
 from providers.openai_compat import OpenAICompatProvider
 from providers.router import ProviderRouter
@@ -56,6 +58,7 @@ class Api:
     service: CompletionService
     metrics: Metrics
     clock: Clock
+    router: ProviderRouter
 
     def client(self, key: str = KEY) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0)
@@ -104,8 +107,8 @@ def serve() -> ApiFactory:
         max_concurrent: int = 32,
     ) -> AsyncIterator[Api]:
         metrics = Metrics()
-        router = ProviderRouter(providers, metrics)
         clock = Clock()
+        router = ProviderRouter(providers, metrics, clock=clock)
         service = CompletionService(
             router, default_chain=list(chain or providers), default_temperature=temperature,
             default_max_tokens=max_tokens, metrics=metrics, secrets=[UPSTREAM_KEY, *keys],
@@ -119,7 +122,7 @@ def serve() -> ApiFactory:
                                                          max_concurrent=max_concurrent))
         await sidecar.start()
         try:
-            yield Api(f"http://127.0.0.1:{sidecar.bound_port}", service, metrics, clock)
+            yield Api(f"http://127.0.0.1:{sidecar.bound_port}", service, metrics, clock, router)
         finally:
             await sidecar.stop()
             await router.aclose()
@@ -544,6 +547,44 @@ async def test_requests_past_the_concurrency_limit_get_429_at_once(
         assert (await ask())[0] == 200  # the slots are free again
     assert fake.calls == 3
     assert api.metric("too_many_concurrent_requests") == 1
+
+
+async def test_streams_go_through_the_circuit_breaker(
+    serve: ApiFactory, fake: FakeProvider
+) -> None:
+    """Failed streams open the provider's circuit, as failed chat replies do; while it is
+    open a stream is refused at once, without calling the provider."""
+    fake.status = 500
+    async with serve({OLLAMA: ollama(fake)}) as api, api.client() as client:
+        router = api.router
+        threshold = DEFAULT_FAILURE_THRESHOLD
+        for _ in range(threshold):
+            with pytest.raises(openai.InternalServerError):
+                await client.chat.completions.create(model="auto", messages=HELLO, stream=True)
+        assert router.breaker_state(OLLAMA) == "open"
+        fake.status = None
+        with pytest.raises(openai.APIStatusError) as refused:
+            await client.chat.completions.create(model="auto", messages=HELLO, stream=True)
+        assert refused.value.status_code == 503
+    assert fake.calls == threshold
+
+
+async def test_a_good_stream_closes_a_half_open_circuit(
+    serve: ApiFactory, fake: FakeProvider
+) -> None:
+    async with serve({OLLAMA: ollama(fake)}) as api, api.client() as client:
+        router = api.router
+        breaker = router.breaker(OLLAMA)
+        for _ in range(DEFAULT_FAILURE_THRESHOLD):
+            ticket = breaker.allow()
+            assert ticket is not None
+            ticket.record_failure(ProviderUnavailable("ollama", "down"))
+        assert router.breaker_state(OLLAMA) == "open"
+        api.clock.now += DEFAULT_OPEN_S  # its open time is over: the next call probes
+        stream = await client.chat.completions.create(model="auto", messages=HELLO, stream=True)
+        text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        assert text == "Hello there, friend!"
+        assert router.breaker_state(OLLAMA) == "closed"
 
 
 async def test_timeout_is_a_gateway_timeout(serve: ApiFactory, fake: FakeProvider) -> None:

@@ -194,7 +194,8 @@ class InteractionPipeline:
         # never spends a viewer's or a community's budget.
         limited = await self._rate_limited(event, trigger, profile)
         if limited is not None:
-            await self._release(event, delivery)
+            # Never answered: its cooldowns must not silence the viewer or the channel.
+            await self._release(event, delivery, cooldowns=key)
             return Skipped(limited)
 
         try:
@@ -204,7 +205,10 @@ class InteractionPipeline:
             await self._release(event, delivery)
             raise
         if not isinstance(outcome, Replied):
-            await self._release(event, delivery)
+            # A retry keeps the event's cooldowns (it still owns them); an event
+            # that failed for good gives them back, since nothing was said.
+            given_up = isinstance(outcome, Failed) and not outcome.retryable
+            await self._release(event, delivery, cooldowns=key if given_up else None)
             return outcome
         await self._remember(event, delivery, key, profile, outcome.reply)
         return outcome
@@ -324,9 +328,12 @@ class InteractionPipeline:
             seen = seen.replace(tzinfo=UTC)
         return (datetime.now(UTC) - seen).total_seconds() > self._options.max_event_age_s
 
-    async def _release(self, event: InteractionEvent, delivery: Delivery) -> None:
+    async def _release(
+        self, event: InteractionEvent, delivery: Delivery, *,
+        cooldowns: ConversationKey | None = None,
+    ) -> None:
         try:
-            await self._store.release(event.event_id, delivery.attempt_id)
+            await self._store.release(event.event_id, delivery.attempt_id, cooldowns=cooldowns)
         except Exception:
             # The lease expires on its own; a failed release only delays a retry.
             self._metrics.state_errors.labels("release").inc()

@@ -49,7 +49,14 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from context.memory_store import MemoryStateStore
 from context.redis_pool import BUSY
-from context.store import Admission, AdmitRequest, RecordRequest, StateStore, Verdict
+from context.store import (
+    Admission,
+    AdmitRequest,
+    ConversationKey,
+    RecordRequest,
+    StateStore,
+    Verdict,
+)
 
 if TYPE_CHECKING:
     from worker.metrics import Metrics
@@ -129,11 +136,14 @@ class FailoverStateStore:
     async def record(self, request: RecordRequest) -> None:
         await self._call("record", lambda store: store.record(request))
 
-    async def release(self, event_id: str, attempt_id: str) -> None:
+    async def release(
+        self, event_id: str, attempt_id: str, *, cooldowns: ConversationKey | None = None
+    ) -> None:
         # A lease taken in memory during the outage may outlive it: drop it too.
-        # Memory only deletes it if this attempt still owns it, so this is always safe.
-        await self._fallback.release(event_id, attempt_id)
-        await self._call("release", lambda store: store.release(event_id, attempt_id))
+        # Memory only deletes what this attempt or event still owns, so this is always safe.
+        await self._fallback.release(event_id, attempt_id, cooldowns=cooldowns)
+        await self._call("release", lambda store: store.release(
+            event_id, attempt_id, cooldowns=cooldowns))
 
     async def was_answered(self, event_id: str) -> bool:
         if not self._degraded and await self._fallback.was_answered(event_id):

@@ -204,10 +204,18 @@ class MemoryStateStore:
         self._outbox.set(event_id, reply, now + ttl_ms / 1000)
         return True
 
-    async def release(self, event_id: str, attempt_id: str) -> None:
+    async def release(
+        self, event_id: str, attempt_id: str, *, cooldowns: ConversationKey | None = None
+    ) -> None:
         now = self._now()
         if self._leases.get(event_id, now) == attempt_id:
             self._leases.delete(event_id)
+        if cooldowns is not None:
+            if self._user_cooldowns.get(cooldowns, now) == event_id:
+                self._user_cooldowns.delete(cooldowns)
+            channel = _channel(cooldowns)
+            if self._channel_cooldowns.get(channel, now) == event_id:
+                self._channel_cooldowns.delete(channel)
 
     async def was_answered(self, event_id: str) -> bool:
         now = self._now()

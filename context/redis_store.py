@@ -108,12 +108,17 @@ end
 return 0
 """
 
-# KEYS: lease; ARGV: attempt_id
+# KEYS: lease, then any cooldowns to give back; ARGV: attempt_id, event_id
 _RELEASE_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
+  redis.call('DEL', KEYS[1])
 end
-return 0
+for i = 2, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[2] then
+    redis.call('DEL', KEYS[i])
+  end
+end
+return 1
 """
 
 _REFUSALS = {
@@ -280,8 +285,13 @@ class RedisStateStore:
         )
         return bool(stashed)
 
-    async def release(self, event_id: str, attempt_id: str) -> None:
-        await self._release_script(keys=[self._keys.lease(event_id)], args=[attempt_id])
+    async def release(
+        self, event_id: str, attempt_id: str, *, cooldowns: ConversationKey | None = None
+    ) -> None:
+        keys = [self._keys.lease(event_id)]
+        if cooldowns is not None:
+            keys += [self._keys.user_cooldown(cooldowns), self._keys.channel_cooldown(cooldowns)]
+        await self._release_script(keys=keys, args=[attempt_id, event_id])
 
     async def was_answered(self, event_id: str) -> bool:
         return bool(await self._client.exists(self._keys.marker(event_id)))

@@ -138,8 +138,16 @@ class StateStore(Protocol):
         """After a confirmed reply: set the marker, append the turns, drop lease and outbox."""
         ...
 
-    async def release(self, event_id: str, attempt_id: str) -> None:
-        """Drop this attempt's in-flight lease (its reply will not be sent by it)."""
+    async def release(
+        self, event_id: str, attempt_id: str, *, cooldowns: ConversationKey | None = None
+    ) -> None:
+        """Drop this attempt's in-flight lease (its reply will not be sent by it).
+
+        With `cooldowns`, also give back the user and channel cooldowns this
+        event claimed in that conversation: the event will never be answered
+        (rate-limited, or failed for good), so it must not silence the viewer
+        or the channel. A cooldown another event holds is left alone.
+        """
         ...
 
     async def was_answered(self, event_id: str) -> bool: ...

@@ -136,6 +136,33 @@ async def test_a_config_change_reaches_the_worker_within_a_second(
     assert second["response"].startswith("[new] ")
 
 
+async def test_a_rate_limited_event_gives_its_cooldowns_back(
+    make_settings: Callable[..., Settings], schema_dsn: str, encryption_key: str,
+    repository: ConfigRepository, router_client: RouterClient,
+    fakes: tuple[FakeProvider, FakeProvider],
+) -> None:
+    """An event refused by a rate limit was never answered: the channel cooldown it
+    claimed on admission must not silence the channel for everyone else."""
+    default, _ = fakes
+    settings = make_settings(ai_provider="ollama", ollama_host=default.url,
+                             database_url=schema_dsn, config_encryption_key=encryption_key,
+                             channel_cooldown_s=60)
+    await repository.upsert("limited", {"user_rate_limit": 1, "user_rate_window_s": 60})
+    async with running_worker(settings) as app:
+        await reply_for(router_client, make_event("why?", community="limited",
+                                                  user="v1", channel="a"))
+        assert await no_reply(router_client, make_event("why?", community="limited",
+                                                        user="v1", channel="b"))
+        assert no_reply_count(app, "rate_limited_user") == 1
+        # Channel b said nothing, so it is not cooling down: v2 is answered there...
+        await reply_for(router_client, make_event("why?", community="limited",
+                                                  user="v2", channel="b"))
+        # ...while channel a, which did answer, is.
+        assert await no_reply(router_client, make_event("why?", community="limited",
+                                                        user="v3", channel="a"))
+        assert no_reply_count(app, "channel_cooldown") == 1
+
+
 async def test_rate_limits_blocked_words_and_proactive_chatter(
     community_settings: Settings, repository: ConfigRepository, router_client: RouterClient,
     fakes: tuple[FakeProvider, FakeProvider],

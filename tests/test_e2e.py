@@ -335,6 +335,22 @@ async def test_an_answer_with_nothing_left_after_the_filter_is_dead_lettered(
     assert letter.headers[headers.ERROR_TYPE] == "empty_output"
 
 
+async def test_an_event_that_failed_for_good_does_not_silence_the_channel(
+    make_settings: Callable[..., Settings], router_client: RouterClient, fake: FakeProvider,
+    topology: Topology,
+) -> None:
+    """Nothing was said, so the channel cooldown the dead-lettered event claimed goes back."""
+    settings = make_settings(ai_provider="ollama", ollama_host=fake.url, channel_cooldown_s=60)
+    fake.reply_text = "<think>only thoughts, no answer</think>   "
+    async with running_worker(settings):
+        await router_client.publish(make_event("hello?", channel="ch1", user="u1"))
+        await get_dead_letters(topology, 1)
+        fake.reply_text = "Hey there!"
+        await router_client.publish(make_event("hello?", channel="ch1", user="u2"))
+        message = await router_client.next_reply(REPLY_TIMEOUT_S)
+    assert orjson.loads(message.body)["user_id"] == "u2"
+
+
 async def test_a_raid_of_greetings_costs_one_provider_call_per_cooldown(
     make_settings: Callable[..., Settings], router_client: RouterClient, fake: FakeProvider
 ) -> None:

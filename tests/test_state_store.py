@@ -159,6 +159,28 @@ async def test_second_attempt_is_in_flight_elsewhere(harness: Harness) -> None:
     assert 25_000 < admission.lease_left_ms <= 30_000
 
 
+async def test_release_can_give_the_events_cooldowns_back(harness: Harness) -> None:
+    store = harness.store
+    assert (await store.admit(admit_req("e1", attempt_id="a1"))).admitted
+    await store.release("e1", "a1", cooldowns=KEY)
+    # Neither the viewer nor the channel is cooling down any more.
+    assert (await store.admit(admit_req("e2", attempt_id="a2"))).admitted
+    other_user = conv(user="u2")
+    assert (await store.admit(admit_req("e3", key=other_user))).verdict is \
+        Verdict.CHANNEL_COOLDOWN
+
+
+async def test_release_leaves_cooldowns_another_event_holds(harness: Harness) -> None:
+    store = harness.store
+    assert (await store.admit(admit_req("e1", attempt_id="a1"))).admitted
+    await store.release("e9", "a9", cooldowns=KEY)  # not the owner of anything
+    assert (await store.admit(admit_req("e2"))).verdict is Verdict.USER_COOLDOWN
+    assert (await store.admit(admit_req("e3", key=conv(user="u2")))).verdict is \
+        Verdict.CHANNEL_COOLDOWN
+    await store.release("e1", "a1")  # the lease only, as before
+    assert (await store.admit(admit_req("e2"))).verdict is Verdict.USER_COOLDOWN
+
+
 async def test_same_attempt_is_readmitted(harness: Harness) -> None:
     store = harness.store
     assert (await store.admit(admit_req("e1", attempt_id="a1"))).admitted

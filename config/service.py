@@ -214,6 +214,8 @@ class DatabaseCommunityConfig:
         self._warned_broken: set[str] = set()
         self._listener_task: asyncio.Task[None] | None = None
         self._listener_connection: Connection | None = None
+        # The schema our table lives in, as the listener connection sees it.
+        self._listen_schema: str | None = None
         self._listening = asyncio.Event()
         self._first_attempt = asyncio.Event()
         self._listener_failed = False
@@ -391,7 +393,9 @@ class DatabaseCommunityConfig:
     def _on_notification(
         self, _connection: object, _pid: int, _channel: str, payload: str
     ) -> None:
-        self.invalidate(payload or ALL_COMMUNITIES)
+        community_id = notified_community(payload, self._listen_schema)
+        if community_id is not None:
+            self.invalidate(community_id)
 
     async def _listen_forever(self) -> None:
         assert self._listen_dsn is not None
@@ -405,6 +409,9 @@ class DatabaseCommunityConfig:
                     server_settings={"application_name": LISTENER_APPLICATION_NAME})
                 lost = asyncio.Event()
                 connection.add_termination_listener(lambda _conn, event=lost: event.set())
+                # The channel is the database's: notifications name the schema
+                # whose table changed (migration 0002), and only ours count.
+                self._listen_schema = str(await connection.fetchval("select current_schema()"))
                 await connection.add_listener(CHANNEL, self._on_notification)
                 # Changes made while nobody listened were never announced to us.
                 self.invalidate(ALL_COMMUNITIES)
@@ -519,6 +526,22 @@ async def _drop(connection: Connection) -> None:
         connection.terminate()
 
 
+def notified_community(payload: str, schema: str | None) -> str | None:
+    """The community a notification invalidates here, or None when it is another schema's.
+
+    `<schema>:<id>` / `<schema>:*` since migration 0002; a bare `<id>` or `*`
+    (or nothing) comes from a replica of the previous version and counts as ours.
+    """
+    if not payload:
+        return ALL_COMMUNITIES
+    scope, colon, community_id = payload.partition(":")
+    if not colon:
+        return payload
+    if schema is not None and scope != schema:
+        return None
+    return community_id or ALL_COMMUNITIES
+
+
 __all__ = [
     "ALL_COMMUNITIES",
     "CHANNEL",
@@ -526,5 +549,6 @@ __all__ = [
     "DatabaseCommunityConfig",
     "OpenedCommunityConfig",
     "merge_profile",
+    "notified_community",
     "open_community_config",
 ]

@@ -37,20 +37,27 @@ from config.secrets import (
     generate_key,
     mask,
 )
-from config.service import DatabaseCommunityConfig, merge_profile, open_community_config
+from config.service import (
+    ALL_COMMUNITIES,
+    CHANNEL,
+    DatabaseCommunityConfig,
+    merge_profile,
+    notified_community,
+    open_community_config,
+)
 from config.settings import ProviderName, Settings
 from context.store import ConversationKey, Turn
 from schemas.events import MessageType
 from schemas.replies import Trigger
-from tests.conftest import DATABASE_URL
+from tests.conftest import DATABASE_URL, with_search_path
 
 API_KEY = "sk-live-0123456789abcdefWXYZ"
 ALL_MIGRATIONS = [migration.version for migration in load_migrations()]
 
 
 def unique_community() -> str:
-    """For tests that must *not* be notified: NOTIFY channels are per database, not per
-    schema, so a concurrent run in another schema notifying "c" would reach us too."""
+    """For tests that must *not* be notified: NOTIFY channels are per database, so a
+    concurrent run of an older version in another schema notifying "c" would reach us."""
     return f"c-{uuid.uuid4().hex[:12]}"
 
 
@@ -467,6 +474,61 @@ async def test_change_reaches_another_replica_within_a_second(
         await eventually(reader_sees_defaults, within_s=1.0)
     finally:
         await other_pool.close()
+
+
+def test_a_notification_names_the_schema_whose_table_changed() -> None:
+    assert notified_community("mine:c1", "mine") == "c1"
+    assert notified_community("mine:*", "mine") == ALL_COMMUNITIES
+    assert notified_community("theirs:c1", "mine") is None
+    # From a replica of the previous version: no schema, taken for ours.
+    assert notified_community("c1", "mine") == "c1"
+    assert notified_community("*", "mine") == ALL_COMMUNITIES
+    assert notified_community("", "mine") == ALL_COMMUNITIES
+
+
+async def test_another_schemas_changes_do_not_reach_our_cache(
+    pool: Pool, make_service: Callable[..., Awaitable[DatabaseCommunityConfig]],
+) -> None:
+    """NOTIFY channels are the database's: a deployment in another schema of the same
+    database notifies on the same channel, and must not make us drop our cache."""
+    other_schema = f"test_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(DATABASE_URL)
+    await admin.execute(f'create schema "{other_schema}"')
+    other_pool = await create_pool(with_search_path(DATABASE_URL, other_schema), max_size=2)
+    try:
+        await migrate(other_pool)
+        ours = await make_service(pool, listen=True, ttl_s=300)
+        assert (await ours.profile("c")).enabled is True  # cached
+        # Our table changes without a notification (trigger off), so only an
+        # invalidation from elsewhere could make us see it.
+        async with pool.acquire() as connection:
+            await connection.execute(
+                "alter table ai_module_config disable trigger ai_module_config_notify")
+            await ConfigRepository(pool).upsert("c", {"enabled": False})
+            await connection.execute(
+                "alter table ai_module_config enable trigger ai_module_config_notify")
+        theirs_listening = await asyncpg.connect(with_search_path(DATABASE_URL, other_schema))
+        heard: asyncio.Queue[str] = asyncio.Queue()
+        await theirs_listening.add_listener(
+            CHANNEL, lambda _c, _p, _ch, payload: heard.put_nowait(payload))
+        try:
+            await ConfigRepository(other_pool).upsert("c", {"temperature": 0.1})
+            assert await asyncio.wait_for(heard.get(), 5.0) == f"{other_schema}:c"
+            await asyncio.sleep(0.3)  # our listener got the same notification
+            assert (await ours.profile("c")).enabled is True  # still the cached config
+        finally:
+            await theirs_listening.close()
+        # A change of our own still reaches us.
+        await ConfigRepository(pool).upsert("c", {"temperature": 0.3})
+
+        async def ours_reloaded() -> bool:
+            return (await ours.profile("c")).enabled is False
+
+        await eventually(ours_reloaded, within_s=2.0)
+    finally:
+        await other_pool.close()
+        await admin.execute(f'drop schema if exists "{other_schema}" cascade')
+        await admin.close()
 
 
 async def test_database_down_serves_last_known_then_env_defaults(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,12 +22,12 @@ import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 
 from broker.topology import Topology
-from config.settings import ProviderName
+from config.settings import ProviderName, Settings
 from consumers.completions import CompletionsRpcConsumer
 from providers.completions import CompletionService
 from providers.ollama import OllamaProvider
 from providers.router import ProviderRouter
-from tests.conftest import AMQP_URL, queue_depth
+from tests.conftest import AMQP_URL, queue_depth, running_worker
 from tests.fake_provider import DEFAULT_REPLY, FakeProvider
 from worker.metrics import Metrics
 
@@ -273,3 +273,33 @@ async def test_concurrency_is_bounded(
                 received.add(str(message.correlation_id))
     assert received == set(sent)
     assert fake.max_in_flight == 2
+
+
+async def test_the_worker_bounds_rpc_with_completions_max_concurrent(
+    make_settings: Callable[..., Settings], prefix: str, connection: AbstractRobustConnection,
+    fake: FakeProvider,
+) -> None:
+    """As wired by the app: COMPLETIONS_MAX_CONCURRENT is the RPC queue's bound too."""
+    fake.latency_s = 0.2
+    settings = make_settings(ai_provider="ollama", ollama_host=fake.url,
+                             completions_max_concurrent=3)
+    async with running_worker(settings):
+        requester = await connection.channel()
+        replies = await requester.declare_queue("", exclusive=True, auto_delete=True)
+        for _ in range(9):
+            await requester.default_exchange.publish(
+                aio_pika.Message(body=orjson.dumps({"messages": HELLO}),
+                                 content_type="application/json", reply_to=replies.name,
+                                 correlation_id=uuid.uuid4().hex),
+                routing_key=Topology(prefix=prefix).completions_queue)
+        received = 0
+        async with asyncio.timeout(REPLY_TIMEOUT_S):
+            while received < 9:
+                message = await replies.get(fail=False, no_ack=True)
+                if message is None:
+                    await asyncio.sleep(0.02)
+                    continue
+                assert orjson.loads(message.body)["object"] == "chat.completion"
+                received += 1
+        await requester.close()
+    assert fake.max_in_flight == 3

@@ -70,7 +70,6 @@ REDIS_OP_TIMEOUT_S = 1.5
 # "busy" (retried, no failover): under the op timeout, which then measures Redis.
 REDIS_POOL_WAIT_S = 0.75
 REDIS_RETRY_AFTER_S = 5.0
-RPC_PREFETCH = 16
 
 
 def topology_for(settings: Settings) -> Topology:
@@ -277,10 +276,12 @@ class App:
         rpc_publish = await self._rpc_connection.channel(
             publisher_confirms=True, on_return_raises=True)
         rpc_consume = await self._rpc_connection.channel()
-        await rpc_consume.set_qos(prefetch_count=RPC_PREFETCH)
+        # The same bound as the HTTP API's; past it, requests wait in their queue.
+        await rpc_consume.set_qos(prefetch_count=s.completions_max_concurrent)
         self.rpc_consumer = CompletionsRpcConsumer(
             queue_name=self.topology.completions_queue, service=self.completions,
-            publish_channel=rpc_publish, metrics=self.metrics, max_concurrent=RPC_PREFETCH)
+            publish_channel=rpc_publish, metrics=self.metrics,
+            max_concurrent=s.completions_max_concurrent)
         await self.rpc_consumer.attach(rpc_consume)
         # Everything built at start lives as long as the process: move it out
         # of the collector's sight, so full collections (tens of ms, with every

@@ -127,7 +127,8 @@ class Settings(BaseSettings):
     sidecar_host: str = "0.0.0.0"
     sidecar_port: int = Field(default=8005, ge=0, le=65535)
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    # HTTP completions answered at once per worker; more get 429 with Retry-After.
+    # Completions answered at once per worker and transport: over HTTP more get
+    # 429 with Retry-After; over AMQP it is the RPC queue's prefetch.
     completions_max_concurrent: int = Field(default=32, ge=1, le=10_000)
     config_encryption_key: str | None = None
 

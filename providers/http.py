@@ -42,9 +42,9 @@ from providers.errors import (
 # requests in the client, where the wait counts against the provider's timeout.
 MAX_CONNECTIONS = 1000
 KEEPALIVE_S = 30.0
-# The longest line a provider may send (NDJSON or event stream). A backend
-# that never ends a line must not grow the buffer without bound.
-MAX_LINE_BYTES = 1 << 20
+# The longest line a provider may send (NDJSON or event stream), in decoded
+# characters. A backend that never ends a line must not grow the buffer without bound.
+MAX_LINE_CHARS = 1 << 20
 # How long a finished answer waits for the rest of its body (the end of the
 # chunked encoding) so that its connection can be pooled again.
 DRAIN_GRACE_S = 0.5
@@ -220,8 +220,10 @@ async def iter_lines(provider: str, response: aiohttp.ClientResponse) -> AsyncGe
     with transport_errors(provider):
         async for chunk in response.content.iter_any():
             lines = splitter.feed(chunk)
-            if splitter.pending > MAX_LINE_BYTES:
-                raise ProviderBadOutput(provider, f"a line longer than {MAX_LINE_BYTES} bytes")
+            if splitter.pending > MAX_LINE_CHARS:
+                raise ProviderBadOutput(
+                    provider, f"a line longer than {MAX_LINE_CHARS} characters"
+                )
             for line in lines:
                 yield line
     for line in splitter.close():

@@ -44,15 +44,12 @@ READ_CHUNK_BYTES = 64 * 1024
 TRANSPORT = "http"
 
 
-DEFAULT_MAX_CONCURRENT = 32
-
-
 def completion_routes(
     service: CompletionService,
     api_keys: Sequence[str],
     metrics: Metrics | None = None,
     *,
-    max_concurrent: int = DEFAULT_MAX_CONCURRENT,
+    max_concurrent: int,
 ) -> list[web.RouteDef]:
     """The routes to hand to `Sidecar(extra_routes=...)`."""
     api = _CompletionsApi(service, api_keys, metrics, max_concurrent)

@@ -124,6 +124,19 @@ def service_pids() -> dict[str, list[int]]:
 # -- child processes -------------------------------------------------------------
 
 
+async def stop_process(process: asyncio.subprocess.Process, timeout_s: float) -> int:
+    """SIGTERM, then SIGKILL if it does not exit in time; only this child's pid."""
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGTERM)
+    try:
+        return await asyncio.wait_for(process.wait(), timeout_s)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        return await process.wait()
+
+
 class Child:
     """A `python -m ...` child that speaks JSON lines on stdout (and reads commands on stdin)."""
 
@@ -168,16 +181,7 @@ class Child:
         return await self.read_json(timeout_s)
 
     async def stop(self, timeout_s: float = 15.0) -> int:
-        """SIGTERM, then SIGKILL if it does not exit in time; only this child's pid."""
-        if self.process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.process.send_signal(signal.SIGTERM)
-        try:
-            return await asyncio.wait_for(self.process.wait(), timeout_s)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                self.process.kill()
-            return await self.process.wait()
+        return await stop_process(self.process, timeout_s)
 
 
 class FakeProviderProcess:
@@ -247,12 +251,4 @@ class WorkerCli:
         return peak_rss_mb(self.pid)
 
     async def stop(self, timeout_s: float = 30.0) -> int:
-        if self.process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.process.send_signal(signal.SIGTERM)
-        try:
-            return await asyncio.wait_for(self.process.wait(), timeout_s)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                self.process.kill()
-            return await self.process.wait()
+        return await stop_process(self.process, timeout_s)

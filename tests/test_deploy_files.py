@@ -3,27 +3,11 @@ when that client exists), and the image is built the way the README says."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
-from pathlib import Path
-from typing import Any
 
 import pytest
-import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def compose() -> dict[str, Any]:
-    data: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-    return data
-
-
-def has_compose_client() -> bool:
-    if shutil.which("docker") is None:
-        return False
-    probe = subprocess.run(["docker", "compose", "version"], capture_output=True, check=False)
-    return probe.returncode == 0
+from tests.compose_file import ROOT, compose, has_compose_client
 
 
 def test_compose_has_the_services_and_scales_the_worker() -> None:

@@ -31,11 +31,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from broker.topology import Topology
 from config.settings import Settings
+from tests.compose_file import ROOT, compose, has_compose_client
 from tests.conftest import running_worker
 from tests.fake_provider import FakeProvider
 from worker.client import RouterClient, make_event
 
-ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "waddle-ai.json"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
@@ -375,18 +375,6 @@ def test_promtool_parses_every_dashboard_query(tmp_path: Path) -> None:
 
 
 # -- docker compose ---------------------------------------------------------------
-
-
-def compose() -> dict[str, Any]:
-    data: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-    return data
-
-
-def has_compose_client() -> bool:
-    if shutil.which("docker") is None:
-        return False
-    probe = subprocess.run(["docker", "compose", "version"], capture_output=True, check=False)
-    return probe.returncode == 0
 
 
 @pytest.mark.skipif(not has_compose_client(), reason="no `docker compose` client here")

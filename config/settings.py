@@ -109,6 +109,8 @@ class Settings(BaseSettings):
     history_ttl_s: int = Field(default=3600, ge=1, le=30 * 86400)
     memory_max_conversations: int = Field(default=10_000, ge=10, le=10_000_000)
     dedupe_ttl_s: int = Field(default=86400, ge=60, le=30 * 86400)
+    # How long each event's outcome (replied, or why not) is kept for `waddle-ai explain`.
+    outcome_ttl_s: int = Field(default=600, ge=1, le=7 * 86400)
 
     # Throughput and reliability
     max_concurrent_requests: int = Field(default=64, ge=1, le=100_000)

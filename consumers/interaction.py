@@ -10,6 +10,9 @@ Settling is the consumer's whole job beyond calling the pipeline:
 | out of retries / permanent   | confirmed dead letter, then ack                  |
 | copy or dead letter refused  | nack with requeue (the delivery limit bounds it) |
 
+Whatever the outcome, once settled it passes through one more step, the
+`OutcomeRecorder`: the event's fate, in words, kept for `waddle-ai explain`.
+
 Concurrency is bounded twice: the broker's prefetch caps what this replica
 holds, the semaphore caps what it works on. A stopping consumer cancels its
 subscription first, lets what is in hand finish within the grace time, and
@@ -30,6 +33,17 @@ from typing import Any
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from aiormq.exceptions import ChannelInvalidStateError
 
+from consumers.outcomes import (
+    DEAD_LETTERED,
+    DEFERRED,
+    NO_REPLY,
+    REPLIED,
+    REQUEUED,
+    RETRYING,
+    Fate,
+    OutcomeRecorder,
+    reason_text,
+)
 from consumers.pipeline import (
     Deferred,
     Delivery,
@@ -92,6 +106,7 @@ class InteractionConsumer:
         max_concurrent: int,
         retry_delays_ms: Sequence[int],
         crash_marker: bytes | None = None,
+        outcomes: OutcomeRecorder | None = None,
     ) -> None:
         self._queue_name = queue_name
         self._queue_arguments = queue_arguments
@@ -101,6 +116,7 @@ class InteractionConsumer:
         self._slots = asyncio.Semaphore(max_concurrent)
         self._delays = tuple(retry_delays_ms)
         self._crash_marker = crash_marker
+        self._outcomes = outcomes
         self._queue: AbstractQueue | None = None
         self._consumer_tag: str | None = None
         self._stopping = False
@@ -182,12 +198,18 @@ class InteractionConsumer:
             self._metrics.in_flight.inc()
             started = time.perf_counter()
             try:
-                label = await self._handle(message)
+                event_id, community_id, fate = await self._handle(message)
             finally:
                 self._metrics.in_flight.dec()
-            self._metrics.handling.labels(label).observe(time.perf_counter() - started)
+            self._metrics.handling.labels(fate.label).observe(time.perf_counter() - started)
+            if self._outcomes is not None and event_id:
+                # After the settlement: recording never delays or risks the ack.
+                await self._outcomes.record(event_id, fate, community_id=community_id)
 
-    async def _handle(self, message: AbstractIncomingMessage) -> str:
+    async def _handle(
+        self, message: AbstractIncomingMessage
+    ) -> tuple[str | None, str | None, Fate]:
+        """Parse, run the pipeline, settle: (event id, community, how it was settled)."""
         if self._crash_marker and self._crash_marker in message.body:
             # Test-only (WADDLE_TEST_CRASH_MARKER): die as a segfault or OOM kill would,
             # with the delivery unacked, to prove the delivery limit ends the loop.
@@ -200,7 +222,10 @@ class InteractionConsumer:
             log.warning("invalid event", extra={
                 "action": "parse", "error_type": exc.error_type, "error": str(exc),
                 "message_id": message.message_id})
-            return await self._dead_letter(message, Failure(exc.error_type, str(exc)))
+            fate = await self._dead_letter(message, Failure(exc.error_type, str(exc)),
+                                           explain=f"{exc.error_type}: the body is not a "
+                                                   "valid event (see `waddle-ai dlq list`)")
+            return message.message_id, None, fate
 
         self._metrics.events_received.labels(event.message_type.value).inc()
         message_headers = message.headers or {}
@@ -225,19 +250,25 @@ class InteractionConsumer:
             log.info("event handled", extra={
                 "action": "handle", "result": _describe(outcome),
                 "execution_time": round((time.perf_counter() - started) * 1000, 1)})
-            return await self._settle(message, delivery, outcome)
+            fate = await self._settle(message, delivery, outcome)
+            return event.event_id, event.community_id, fate
 
     async def _settle(
         self, message: AbstractIncomingMessage, delivery: Delivery, outcome: Outcome
-    ) -> str:
+    ) -> Fate:
         if isinstance(outcome, Replied):
-            self._metrics.replies.labels(outcome.reply.trigger.value, outcome.reply.provider).inc()
+            reply = outcome.reply
+            self._metrics.replies.labels(reply.trigger.value, reply.provider).inc()
             await self._ack(message)
-            return "replied"
+            return Fate(REPLIED, reply.trigger.value,
+                        f"answered by {reply.provider} ({reply.model}) in "
+                        f"{reply.processing_time_ms} ms",
+                        {"trigger": reply.trigger.value, "provider": reply.provider,
+                         "age_ms": reply.age_ms})
         if isinstance(outcome, Skipped):
             self._metrics.no_reply.labels(outcome.reason).inc()
             await self._ack(message)
-            return "skipped"
+            return Fate(NO_REPLY, outcome.reason, outcome.detail or reason_text(outcome.reason))
         carried = {headers.FIRST_RECEIVED_AT: delivery.first_received_at.isoformat()}
         if isinstance(outcome, Deferred):
             failure = Failure(outcome.reason, "another copy of this event is being answered")
@@ -256,7 +287,7 @@ class InteractionConsumer:
     async def _retry(
         self, message: AbstractIncomingMessage, failure: Failure, delay_ms: int,
         carried: dict[str, Any], *, count: bool,
-    ) -> str:
+    ) -> Fate:
         try:
             await self._failures.retry(message, failure, delay_ms, extra_headers=carried,
                                        count_retry=count)
@@ -264,12 +295,19 @@ class InteractionConsumer:
             return await self._requeue(message, "retry copy")
         self._metrics.retries.labels(str(delay_ms), failure.error_type).inc()
         await self._ack(message)
-        return "retried" if count else "deferred"
+        if not count:
+            return Fate(DEFERRED, failure.error_type,
+                        f"{reason_text(failure.error_type)}; back in {delay_ms / 1000:g} s")
+        attempt = retry_count(message.headers) + 1
+        return Fate(RETRYING, failure.error_type,
+                    f"{failure.error_type}: {failure.error}; retry {attempt} of "
+                    f"{len(self._delays)} in {delay_ms / 1000:g} s (RETRY_DELAYS_MS)",
+                    {"retry": attempt, "delay_ms": delay_ms})
 
     async def _dead_letter(
         self, message: AbstractIncomingMessage, failure: Failure,
-        carried: dict[str, Any] | None = None,
-    ) -> str:
+        carried: dict[str, Any] | None = None, *, explain: str | None = None,
+    ) -> Fate:
         try:
             await self._failures.dead_letter(message, failure, extra_headers=carried)
         except PublishFailed:
@@ -279,16 +317,19 @@ class InteractionConsumer:
             "action": "dead_letter", "error_type": failure.error_type, "error": failure.error,
             "message_id": message.message_id})
         await self._ack(message)
-        return "dead_lettered"
+        return Fate(DEAD_LETTERED, failure.error_type,
+                    explain or f"{failure.error_type}: {failure.error}; fix the cause, then "
+                               f"`waddle-ai dlq replay {_replay_selector(message, failure)}`")
 
-    async def _requeue(self, message: AbstractIncomingMessage, what: str) -> str:
+    async def _requeue(self, message: AbstractIncomingMessage, what: str) -> Fate:
         """The broker refused our copy: give the original back rather than lose it."""
         self._metrics.settle_failures.inc()
         log.error(f"could not publish the {what}; returning the event to the queue",
                   exc_info=True, extra={"action": "requeue", "message_id": message.message_id})
         await asyncio.sleep(REQUEUE_PAUSE_S)
         await self._settle_safely(message.nack(requeue=True))
-        return "requeued"
+        return Fate(REQUEUED, "settle_failed",
+                    f"the broker refused the {what}; the event went back to the queue")
 
     async def _ack(self, message: AbstractIncomingMessage) -> None:
         if _channel_gone(message):
@@ -307,6 +348,11 @@ class InteractionConsumer:
         except Exception as exc:
             log.warning("could not settle a delivery; the broker will redeliver it",
                         extra={"action": "settle", "error": repr(exc)})
+
+
+def _replay_selector(message: AbstractIncomingMessage, failure: Failure) -> str:
+    return (f"--id {message.message_id}" if message.message_id
+            else f"--error-type {failure.error_type}")
 
 
 def _channel_gone(message: AbstractIncomingMessage) -> bool:

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 from config.community import CommunityConfigSource, CommunityProfile
+from consumers.outcomes import cooldown_detail, stale_detail
 from consumers.proactive import ProactiveDecider, proactive_limit_check
 from consumers.triggers import detect_trigger
 from context.prompts import build_messages
@@ -39,7 +40,7 @@ from providers.base import ChatRequest
 from providers.breaker import CircuitOpen
 from providers.errors import ProviderError, ProviderRateLimited
 from providers.router import ProviderRouter
-from publishers.confirm import PublishFailed
+from publishers.confirm import PublishFailed, Unroutable
 from publishers.failures import Failure
 from publishers.replies import ReplyPublisher
 from publishers.safety import contains_blocked_word, make_safe, reply_limit
@@ -71,9 +72,14 @@ class Replied:
 
 @dataclass(frozen=True, slots=True)
 class Skipped:
-    """Acked with no reply; `reason` labels the no-reply metric."""
+    """Acked with no reply; `reason` labels the no-reply metric.
+
+    `detail`: the why in numbers when there are some (a cooldown's time left,
+    an event's age), for `waddle-ai explain`; else the reason's own sentence.
+    """
 
     reason: str
+    detail: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +129,31 @@ def reply_token_budget(max_tokens: int, reply_chars: int) -> int:
     return max(1, min(max_tokens, reply_chars // 3 + 16))
 
 
+def _publish_failure(exc: PublishFailed) -> Failure:
+    """Unroutable has its own type: "nobody listens" is not "the broker is down".
+
+    Both are retried: a router that is restarting binds again within the
+    delays; one that does not leaves the reply in the DLQ as `unroutable`,
+    ready for `dlq replay --error-type unroutable` once it runs.
+    """
+    if isinstance(exc, Unroutable):
+        return Failure(ErrorType.UNROUTABLE,
+                       f"{exc}; is the router running and bound to {exc.exchange}?")
+    return Failure(ErrorType.PUBLISH_FAILED, str(exc))
+
+
+def _age_ms(event: InteractionEvent, delivery: Delivery) -> int:
+    """What the viewer waited: from `sent_at` (else the first receipt) to now.
+
+    Across retries `processing_time_ms` counts only the last attempt; this is
+    the whole wait. Never negative: a router's clock may run ahead of ours.
+    """
+    since = event.sent_at or delivery.first_received_at
+    if since.tzinfo is None:
+        since = since.replace(tzinfo=UTC)
+    return max(0, int((datetime.now(UTC) - since).total_seconds() * 1000))
+
+
 class InteractionPipeline:
     def __init__(
         self,
@@ -153,8 +184,9 @@ class InteractionPipeline:
         profile = await self._config.profile(event.community_id)
         if not profile.enabled:
             return Skipped("community_disabled")
-        if self._is_stale(event, delivery):
-            return Skipped("stale")
+        age_s = self._age_s(event, delivery)
+        if age_s > self._options.max_event_age_s:
+            return Skipped("stale", stale_detail(age_s, self._options.max_event_age_s))
         decision = detect_trigger(event, profile.trigger_rules)
         trigger = decision.trigger
         if trigger is None and self._proactive.wants_to_chat_per(
@@ -189,7 +221,12 @@ class InteractionPipeline:
         if admission.verdict is Verdict.REPLY_PENDING and admission.pending_reply is not None:
             return await self._republish(event, delivery, key, profile, admission.pending_reply)
         if not admission.admitted:
-            return Skipped(admission.verdict.value)
+            reason = admission.verdict.value
+            cooldown_ms = {Verdict.CHANNEL_COOLDOWN: profile.channel_cooldown_ms,
+                           Verdict.USER_COOLDOWN: profile.user_cooldown_ms}.get(
+                               admission.verdict)
+            return Skipped(reason, None if cooldown_ms is None else cooldown_detail(
+                reason, cooldown_ms, admission.cooldown_left_ms))
         # After admit: a duplicate, a copy in flight or a cooled-down message
         # never spends a viewer's or a community's budget.
         limited = await self._rate_limited(event, trigger, profile)
@@ -265,6 +302,7 @@ class InteractionPipeline:
                 completion_tokens=completion.usage.completion_tokens,
             ),
             processing_time_ms=int((time.perf_counter() - started) * 1000),
+            age_ms=_age_ms(event, delivery),
         )
         # The outbox: should this worker die between the broker's confirm and
         # recording the reply, the next attempt publishes this same reply again.
@@ -276,7 +314,7 @@ class InteractionPipeline:
         try:
             await self._replies.publish(reply, traceparent=delivery.traceparent)
         except PublishFailed as exc:
-            return Failed(Failure(ErrorType.PUBLISH_FAILED, str(exc)), retryable=True)
+            return Failed(_publish_failure(exc), retryable=True)
         return Replied(reply)
 
     async def _republish(
@@ -294,7 +332,7 @@ class InteractionPipeline:
             await self._replies.publish(reply, traceparent=delivery.traceparent)
         except PublishFailed as exc:
             await self._release(event, delivery)
-            return Failed(Failure(ErrorType.PUBLISH_FAILED, str(exc)), retryable=True)
+            return Failed(_publish_failure(exc), retryable=True)
         self._metrics.replies_republished.inc()
         await self._remember(event, delivery, key, profile, reply)
         return Replied(reply)
@@ -321,12 +359,14 @@ class InteractionPipeline:
         scope = (decision.limited_by or "").split(":", 1)[0]
         return f"rate_limited_{scope}" if scope else "rate_limited"
 
-    def _is_stale(self, event: InteractionEvent, delivery: Delivery) -> bool:
+    @staticmethod
+    def _age_s(event: InteractionEvent, delivery: Delivery) -> float:
+        """The age staleness counts: a replayed event's from the replay."""
         seen = delivery.first_received_at if delivery.replayed else (
             event.sent_at or delivery.first_received_at)
         if seen.tzinfo is None:
             seen = seen.replace(tzinfo=UTC)
-        return (datetime.now(UTC) - seen).total_seconds() > self._options.max_event_age_s
+        return (datetime.now(UTC) - seen).total_seconds()
 
     async def _release(
         self, event: InteractionEvent, delivery: Delivery, *,

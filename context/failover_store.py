@@ -150,6 +150,16 @@ class FailoverStateStore:
             return True
         return await self._call("was_answered", lambda store: store.was_answered(event_id))
 
+    async def put_outcome(self, event_id: str, outcome: bytes, ttl_s: int) -> None:
+        await self._call("put_outcome", lambda store: store.put_outcome(event_id, outcome, ttl_s))
+
+    async def get_outcome(self, event_id: str) -> bytes | None:
+        found = await self._call("get_outcome", lambda store: store.get_outcome(event_id))
+        if found is None and not self._degraded:
+            # Written to memory during an outage that has since ended.
+            found = await self._fallback.get_outcome(event_id)
+        return found
+
     async def ping(self) -> None:
         """Succeed whenever state can be served: degraded is a mode, not a failure.
 

@@ -95,6 +95,10 @@ class _ExpiringMap(Generic[K, V]):
         self._heap.clear()
 
 
+def _left_ms(expires_at: float | None, now: float) -> int | None:
+    return None if expires_at is None else max(0, int((expires_at - now) * 1000))
+
+
 def _channel(key: ConversationKey) -> ChannelKey:
     return (key.platform, key.community_id, key.channel_id)
 
@@ -117,6 +121,7 @@ class MemoryStateStore:
         max_conversations: int = 10_000,
         max_markers: int = 1_000_000,
         max_claims: int = 100_000,
+        max_outcomes: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._clock = clock
@@ -129,6 +134,8 @@ class MemoryStateStore:
         self._conversations: _ExpiringMap[ConversationKey, tuple[Turn, ...]] = _ExpiringMap(
             max_conversations
         )
+        # What became of recent events (`waddle-ai explain`); a few hundred bytes each.
+        self._outcomes: _ExpiringMap[str, bytes] = _ExpiringMap(max_outcomes)
 
     @property
     def backend(self) -> str:
@@ -142,6 +149,7 @@ class MemoryStateStore:
         self._user_cooldowns.prune(now)
         self._channel_cooldowns.prune(now)
         self._conversations.prune(now)
+        self._outcomes.prune(now)
         return now
 
     async def admit(self, request: AdmitRequest) -> Admission:
@@ -162,12 +170,14 @@ class MemoryStateStore:
         if request.user_cooldown_ms > 0:
             user_cd = self._user_cooldowns.get(key, now)
             if user_cd is not None and user_cd != event_id:
-                return Admission(Verdict.USER_COOLDOWN)
+                return Admission(Verdict.USER_COOLDOWN, cooldown_left_ms=_left_ms(
+                    self._user_cooldowns.expires_at(key), now))
         channel = _channel(key)
         if request.channel_cooldown_ms > 0:
             channel_cd = self._channel_cooldowns.get(channel, now)
             if channel_cd is not None and channel_cd != event_id:
-                return Admission(Verdict.CHANNEL_COOLDOWN)
+                return Admission(Verdict.CHANNEL_COOLDOWN, cooldown_left_ms=_left_ms(
+                    self._channel_cooldowns.expires_at(channel), now))
 
         self._leases.set(event_id, request.attempt_id, now + request.lease_ms / 1000)
         if request.user_cooldown_ms > 0:
@@ -221,6 +231,13 @@ class MemoryStateStore:
         now = self._now()
         return bool(self._markers.get(event_id, now))
 
+    async def put_outcome(self, event_id: str, outcome: bytes, ttl_s: int) -> None:
+        now = self._now()
+        self._outcomes.set(event_id, outcome, now + ttl_s)
+
+    async def get_outcome(self, event_id: str) -> bytes | None:
+        return self._outcomes.get(event_id, self._now())
+
     async def ping(self) -> None:
         """Process memory is always there; the method exists for the protocol."""
 
@@ -233,5 +250,6 @@ class MemoryStateStore:
             self._user_cooldowns,
             self._channel_cooldowns,
             self._conversations,
+            self._outcomes,
         ):
             table.clear()

@@ -13,6 +13,7 @@ Key layout (`<p>` is the key prefix, e.g. `ai:`):
     <p>cd:u:<platform>:<community>:<channel>:<user>         event_id     user cooldown
     <p>cd:c:<platform>:<community>:<channel>                event_id     channel cooldown
     <p>hist:<platform>:<community>:<channel>:<user>         list of JSON conversation turns
+    <p>outcome:<event_id>                                   JSON         what became of it
 
 Platform, community, channel and user ids are percent-encoded (`%` -> `%25`,
 `:` -> `%3A`) so that ids containing `:` cannot make two conversations share a
@@ -39,7 +40,8 @@ log = logging.getLogger(__name__)
 # ARGV: event_id, attempt_id, lease_ms, user_cooldown_ms, channel_cooldown_ms, history_turns
 # A cooldown of 0 ms is neither checked nor claimed: this event has no such cooldown
 # (a mention skips the channel's; a community may have none).
-# Returns {code} when refused ({2, lease ms left} for a lease held elsewhere),
+# Returns {code} when refused ({2, lease ms left} for a lease held elsewhere,
+# {3 or 4, cooldown ms left} for a cooldown),
 # {5, stashed reply} for a reply pending, {0, history entries} when admitted.
 _ADMIT_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
@@ -57,13 +59,13 @@ end
 if tonumber(ARGV[4]) > 0 then
   local user_cd = redis.call('GET', KEYS[3])
   if user_cd and user_cd ~= ARGV[1] then
-    return {3}
+    return {3, redis.call('PTTL', KEYS[3])}
   end
 end
 if tonumber(ARGV[5]) > 0 then
   local channel_cd = redis.call('GET', KEYS[4])
   if channel_cd and channel_cd ~= ARGV[1] then
-    return {4}
+    return {4, redis.call('PTTL', KEYS[4])}
   end
 end
 redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
@@ -150,6 +152,9 @@ class _Keys:
 
     def outbox(self, event_id: str) -> str:
         return f"{self._prefix}outbox:{event_id}"
+
+    def outcome(self, event_id: str) -> str:
+        return f"{self._prefix}outcome:{event_id}"
 
     def channel_cooldown(self, key: ConversationKey) -> str:
         return f"{self._prefix}cd:c:{self._channel(key)}"
@@ -244,6 +249,9 @@ class RedisStateStore:
             left = int(result[1])  # -1: a lease without expiry, which we never set
             return Admission(Verdict.IN_FLIGHT_ELSEWHERE,
                              lease_left_ms=left if left >= 0 else None)
+        if code in (3, 4):
+            left = int(result[1]) if len(result) > 1 else -1
+            return Admission(_REFUSALS[code], cooldown_left_ms=left if left >= 0 else None)
         if code != 0:
             return Admission(_REFUSALS[code])
         history: list[Turn] = []
@@ -295,6 +303,13 @@ class RedisStateStore:
 
     async def was_answered(self, event_id: str) -> bool:
         return bool(await self._client.exists(self._keys.marker(event_id)))
+
+    async def put_outcome(self, event_id: str, outcome: bytes, ttl_s: int) -> None:
+        await self._client.set(self._keys.outcome(event_id), outcome, ex=ttl_s)
+
+    async def get_outcome(self, event_id: str) -> bytes | None:
+        found: bytes | str | None = await self._client.get(self._keys.outcome(event_id))
+        return found.encode() if isinstance(found, str) else found
 
     async def ping(self) -> None:
         if not await self._client.ping():

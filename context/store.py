@@ -84,6 +84,9 @@ class Admission:
     # With IN_FLIGHT_ELSEWHERE: how long the other attempt's lease still runs
     # (None: unknown). A copy deferred for less only comes back to be deferred again.
     lease_left_ms: int | None = None
+    # With USER_COOLDOWN / CHANNEL_COOLDOWN: how long the cooldown still runs
+    # (None: unknown), so "why no reply?" can say when the next one may come.
+    cooldown_left_ms: int | None = None
 
     @property
     def admitted(self) -> bool:
@@ -151,6 +154,14 @@ class StateStore(Protocol):
         ...
 
     async def was_answered(self, event_id: str) -> bool: ...
+
+    async def put_outcome(self, event_id: str, outcome: bytes, ttl_s: int) -> None:
+        """Keep what became of an event (no message text) for `ttl_s`, for `explain`."""
+        ...
+
+    async def get_outcome(self, event_id: str) -> bytes | None:
+        """The outcome `put_outcome` kept, or None (unknown, or expired)."""
+        ...
 
     async def ping(self) -> None:
         """Return when the backend answers; raise when it does not."""

@@ -28,6 +28,20 @@ class PublishFailed(Exception):
     """The broker did not take the message: nacked, unroutable, or the connection is down."""
 
 
+class Unroutable(PublishFailed):
+    """The broker returned the message (basic.return): no queue is bound for its routing key.
+
+    For a reply this means nothing consumes `ai.responses` for that platform and
+    community: the router is not running, or not bound (yet). It is its own
+    type so the pipeline can say so, count it and dead-letter it as `unroutable`.
+    """
+
+    def __init__(self, exchange: str, routing_key: str) -> None:
+        super().__init__(f"{exchange} / {routing_key}: unroutable (no queue is bound for it)")
+        self.exchange = exchange
+        self.routing_key = routing_key
+
+
 async def publish_confirmed(
     exchange: AbstractExchange,
     message: AbstractMessage,
@@ -52,7 +66,7 @@ async def publish_confirmed(
     """
     where = f"{exchange.name or '(default exchange)'} / {routing_key}"
     try:
-        await _publish(exchange, message, routing_key, timeout_s, where)
+        await _publish(exchange, message, routing_key, timeout_s)
         return
     except _ConnectionLost as lost:
         channel = getattr(exchange, "channel", None)
@@ -69,7 +83,7 @@ async def publish_confirmed(
             f"{where}: connection not restored within {reconnect_wait_s:g} s "
             f"after {first_error!r}") from exc
     try:
-        await _publish(exchange, message, routing_key, timeout_s, where)
+        await _publish(exchange, message, routing_key, timeout_s)
     except _ConnectionLost as lost:
         raise PublishFailed(f"{where}: {lost.cause!r} (after a reconnect)") from lost.cause
 
@@ -83,16 +97,16 @@ class _ConnectionLost(Exception):
 
 
 async def _publish(
-    exchange: AbstractExchange, message: AbstractMessage, routing_key: str,
-    timeout_s: float, where: str,
+    exchange: AbstractExchange, message: AbstractMessage, routing_key: str, timeout_s: float,
 ) -> None:
+    where = f"{exchange.name or '(default exchange)'} / {routing_key}"
     try:
         # Our own deadline, not publish(timeout=...): aiormq implements that with
         # asyncio.wait_for, one extra task for every reply (bench/RESULTS.md).
         async with asyncio.timeout(timeout_s):
             await exchange.publish(message, routing_key=routing_key, mandatory=True)
     except PublishError as exc:
-        raise PublishFailed(f"{where}: unroutable (no queue is bound for it)") from exc
+        raise Unroutable(exchange.name or "(default exchange)", routing_key) from exc
     except DeliveryError as exc:
         # A nack is the broker's answer, not a lost connection: do not wait and resend.
         raise PublishFailed(f"{where}: {exc!r}") from exc

@@ -8,23 +8,31 @@ instead of vanishing.
 
 from __future__ import annotations
 
+import logging
+
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange
 
-from publishers.confirm import PublishFailed, publish_confirmed
+from publishers.confirm import PublishFailed, Unroutable, publish_confirmed
 from schemas import headers
 from schemas.replies import Reply
+from worker.metrics import Metrics
+
+log = logging.getLogger(__name__)
 
 
 class ReplyPublisher:
-    def __init__(self, exchange: AbstractExchange) -> None:
+    def __init__(self, exchange: AbstractExchange, metrics: Metrics | None = None) -> None:
         self._exchange = exchange
+        self._metrics = metrics
 
     @classmethod
-    async def open(cls, channel: AbstractChannel, exchange_name: str) -> ReplyPublisher:
+    async def open(
+        cls, channel: AbstractChannel, exchange_name: str, metrics: Metrics | None = None
+    ) -> ReplyPublisher:
         """Bind to the declared exchange (the topology declares it, we only look it up)."""
         exchange = await channel.get_exchange(exchange_name, ensure=False)
-        return cls(exchange)
+        return cls(exchange, metrics)
 
     async def publish(self, reply: Reply, *, traceparent: str | None = None) -> None:
         message = aio_pika.Message(
@@ -36,7 +44,18 @@ class ReplyPublisher:
             timestamp=reply.created_at,
             headers={headers.TRACEPARENT: traceparent} if traceparent else {},
         )
-        await publish_confirmed(self._exchange, message, reply.routing_key)
+        try:
+            await publish_confirmed(self._exchange, message, reply.routing_key)
+        except Unroutable as exc:
+            # The first thing to tell a newcomer whose replies vanish: nobody listens.
+            if self._metrics is not None:
+                self._metrics.unroutable_replies.inc()
+            log.warning(
+                f"reply unroutable: no queue is bound to exchange {exc.exchange!r} for "
+                f"routing key {exc.routing_key!r}; is the router running and bound?",
+                extra={"action": "publish_reply", "exchange": exc.exchange,
+                       "routing_key": exc.routing_key, "error_type": "unroutable"})
+            raise
 
 
-__all__ = ["PublishFailed", "ReplyPublisher"]
+__all__ = ["PublishFailed", "ReplyPublisher", "Unroutable"]

@@ -32,5 +32,8 @@ class ErrorType(StrEnum):
     PROVIDER_FAILED = "provider_failed"
     EMPTY_OUTPUT = "empty_output"
     PUBLISH_FAILED = "publish_failed"
+    # Ours: the broker returned the reply (mandatory): nothing consumes ai.responses
+    # for its routing key. Retried (the router may be restarting), then dead-lettered.
+    UNROUTABLE = "unroutable"
     INTERNAL_ERROR = "internal_error"
     STALE = "stale"

@@ -43,7 +43,12 @@ class Reply(BaseModel):
     provider: str
     model: str
     usage: Usage = Field(default_factory=Usage)
+    # This attempt only: from its delivery to the reply being ready.
     processing_time_ms: int = 0
+    # Ours (optional): from the event's `sent_at`, else its first receipt by a
+    # worker (`x-first-received-at`, carried across retries), to the reply. With
+    # retries it is what the viewer waited; `processing_time_ms` is the last try.
+    age_ms: int | None = None
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
     @property
@@ -51,4 +56,4 @@ class Reply(BaseModel):
         return f"{self.platform.value}.{self.community_id}"
 
     def to_json(self) -> bytes:
-        return orjson.dumps(self.model_dump(mode="json"))
+        return orjson.dumps(self.model_dump(mode="json", exclude_none=True))

@@ -31,6 +31,7 @@ from config.service import OpenedCommunityConfig, open_community_config
 from config.settings import ProviderName, Settings
 from consumers.completions import CompletionsRpcConsumer
 from consumers.interaction import InteractionConsumer
+from consumers.outcomes import OutcomeRecorder
 from consumers.pipeline import InteractionPipeline, PipelineOptions
 from consumers.proactive import ProactiveDecider
 from context.failover_store import FailoverStateStore
@@ -51,6 +52,7 @@ from providers.router import ProviderRouter
 from publishers.failures import FailurePublisher
 from publishers.replies import ReplyPublisher
 from worker.completions_api import completion_routes
+from worker.explain import outcome_routes
 from worker.metrics import Metrics
 from worker.sidecar import Sidecar
 
@@ -180,6 +182,8 @@ class App:
         self.rpc_consumer: CompletionsRpcConsumer | None = None
         self._rpc_connection: AbstractRobustConnection | None = None
         self.topology = topology_for(settings)
+        # Every settled event's fate, for `waddle-ai explain` (consumers/outcomes.py).
+        self.outcomes = OutcomeRecorder(store, ttl_s=settings.outcome_ttl_s)
         self._owned_model = owns_local_model
         self._consume_connection: AbstractRobustConnection | None = None
         self._publish_connection: AbstractRobustConnection | None = None
@@ -231,7 +235,8 @@ class App:
             config=self.community_config,
             store=self.store,
             providers=self.router,
-            replies=await ReplyPublisher.open(publish_channel, self.topology.responses_exchange),
+            replies=await ReplyPublisher.open(publish_channel, self.topology.responses_exchange,
+                                              self.metrics),
             metrics=self.metrics,
             options=PipelineOptions(
                 max_event_age_s=s.max_event_age_s,
@@ -255,12 +260,16 @@ class App:
             retry_delays_ms=s.retry_delays_ms,
             crash_marker=(s.waddle_test_crash_marker.encode()
                           if s.waddle_test_crash_marker else None),
+            outcomes=self.outcomes,
         )
         self.sidecar = Sidecar(
             host=s.sidecar_host, port=s.sidecar_port, metrics=self.metrics,
             readiness=self.readiness,
-            extra_routes=completion_routes(self.completions, s.api_keys, self.metrics,
-                                           max_concurrent=s.completions_max_concurrent),
+            extra_routes=[
+                *completion_routes(self.completions, s.api_keys, self.metrics,
+                                   max_concurrent=s.completions_max_concurrent),
+                *outcome_routes(self.store),
+            ],
         )
         await self.sidecar.start()
 
@@ -372,6 +381,7 @@ class App:
             if connection is not None:
                 with suppress(Exception):
                     await connection.close()
+        await self.outcomes.drain()
         if self.sidecar is not None:
             await self.sidecar.stop()
         await self.router.aclose()

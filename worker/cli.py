@@ -1,7 +1,9 @@
 """`waddle-ai` (also `python -m worker`): run the worker and operate it.
 
-Exit codes: 0 done, 1 the operation failed (no reply in time, broker
-refused), 2 bad usage or bad settings.
+Exit codes: 0 done, 1 the operation failed (no reply, a service unreachable,
+broker refused), 2 bad usage or bad settings. A failure is one line on stderr
+naming what failed and the setting to change (worker/errors.py); the
+traceback follows only with LOG_LEVEL=DEBUG.
 """
 
 from __future__ import annotations
@@ -9,8 +11,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,8 +23,12 @@ import orjson
 from broker.topology import TopologyError
 from config.settings import Settings, SettingsError, load_settings
 from schemas.events import MessageType, Platform
-from worker import config_cli, dlq
+from worker import config_cli, dlq, explain
+from worker.errors import describe_failure
 from worker.logs import configure_logging
+
+# How often `publish --wait` asks for the event's outcome while it waits.
+OUTCOME_POLL_S = 0.25
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,7 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     publish.add_argument("--wait", action="store_true", help="wait for the reply and print it")
     publish.add_argument("--timeout", type=float, default=60.0,
                          help="seconds --wait waits (default 60)")
+    explain.add_sidecar_option(publish)
 
+    explain.add_parser(commands)
     dlq.add_parser(commands)
     config_cli.add_parsers(commands)
     return parser
@@ -65,6 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {
         "run": _run, "topology": _topology, "publish": _publish, "dlq": _dlq,
         "migrate": config_cli.run_migrate, "config": config_cli.run_config,
+        "explain": explain.run_explain,
     }
     _install_fast_loop()
     try:
@@ -79,6 +90,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # stdout at /dev/null so the interpreter's final flush does not fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except Exception as exc:
+        failure = describe_failure(exc, settings)
+        print(f"waddle-ai: {failure.message}", file=sys.stderr)
+        if logging.getLogger().isEnabledFor(logging.DEBUG):
+            traceback.print_exception(exc, file=sys.stderr)
+        return failure.exit_code
 
 
 def _install_fast_loop() -> None:
@@ -136,17 +153,70 @@ async def _publish(settings: Settings, args: argparse.Namespace) -> int:
         if args.wait:
             await client.listen(f"{args.platform}.{args.community}")
         await client.publish(event)
-        print(f"published event {event['event_id']}", file=sys.stderr)
+        event_id = str(event["event_id"])
+        print(f"published event {event_id}", file=sys.stderr)
         if not args.wait:
+            print(f"its reply goes to {topology_for(settings).responses_exchange}: without a "
+                  "router (or --wait) bound to it, the reply is unroutable, retried and then "
+                  f"dead-lettered. `waddle-ai explain {event_id}` tells what became of it.",
+                  file=sys.stderr)
             return 0
-        reply = await client.wait_for(event["event_id"], args.timeout)
+        return await _wait_for_fate(settings, args, client, event_id)
     finally:
         await client.aclose()
+
+
+async def _wait_for_fate(
+    settings: Settings, args: argparse.Namespace, client: Any, event_id: str
+) -> int:
+    """The reply, or as soon as the worker decided there is none, why not.
+
+    Replies come on our own bound queue; outcomes are read where `explain`
+    reads them (Redis, or the worker's sidecar). Progress (a retry, a wait
+    behind another copy) is shown and the wait goes on; a reply or a final
+    "no" ends it.
+    """
+    from consumers.outcomes import DEAD_LETTERED, NO_REPLY, describe_outcome
+    from worker.explain import OutcomeLookup, OutcomeUnavailable
+
+    lookup = OutcomeLookup(settings, args.sidecar)
+    reply_task = asyncio.ensure_future(client.wait_for(event_id, args.timeout))
+    shown: str | None = None
+    last: dict[str, Any] | None = None
+    can_look = bool(lookup.places)
+    try:
+        while not reply_task.done():
+            await asyncio.wait({reply_task}, timeout=OUTCOME_POLL_S)
+            if reply_task.done() or not can_look:
+                break
+            try:
+                record = await lookup.get(event_id)
+            except OutcomeUnavailable as exc:
+                print(f"waddle-ai: {exc}; waiting for the reply alone", file=sys.stderr)
+                can_look = False
+                continue
+            if record is None:
+                continue
+            last = record
+            if record.get("status") in (NO_REPLY, DEAD_LETTERED):
+                reply_task.cancel()
+                print(describe_outcome(record), file=sys.stderr)
+                return 1
+            line = describe_outcome(record)
+            if line != shown and record.get("status") != "replied":
+                print(line, file=sys.stderr)
+                shown = line
+        reply = await reply_task
+    finally:
+        if not reply_task.done():
+            reply_task.cancel()
+        await lookup.aclose()
     if reply is None:
+        known = f" Last known: {describe_outcome(last)}." if last is not None else ""
         print(
-            f"waddle-ai: no reply within {args.timeout:g} s. Is a worker running "
+            f"waddle-ai: no reply within {args.timeout:g} s.{known} Is a worker running "
             "(`waddle-ai run`)? Events without a trigger, in a cooldown or from bots get "
-            "no reply by design; see the worker's log and /metrics (waddle_ai_no_reply).",
+            f"no reply by design; `waddle-ai explain {event_id}` says which.",
             file=sys.stderr,
         )
         return 1

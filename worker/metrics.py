@@ -6,7 +6,16 @@ so each test (and each in-process worker) counts on its own.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 
 PROVIDER_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 20.0, 30.0, 60.0)
 HANDLING_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -16,6 +25,12 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        # What prometheus_client's default registry would show (memory, CPU, open
+        # files, Python version, GC), on ours: operators read a leak or an fd
+        # exhaustion from the same scrape as the chat metrics.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
         self.events_received = Counter(
             "waddle_ai_events_received", "Interaction events received, by message type.",
             ["message_type"], registry=r)
@@ -75,6 +90,10 @@ class Metrics:
             "Stashed replies published again because the attempt that sent them died "
             "before recording them (same message_id; the router drops repeats).",
             registry=r)
+        self.unroutable_replies = Counter(
+            "waddle_ai_unroutable_replies",
+            "Replies the broker returned as unroutable: no queue bound to ai.responses "
+            "for their routing key (is the router running?).", registry=r)
         self.consumer_up = Gauge(
             "waddle_ai_consumer_up", "1 while the consumer is attached to the queue.",
             registry=r)

@@ -100,6 +100,9 @@ class CommunityConfigRecord(BaseModel):
 
     triggers: tuple[Trigger, ...] | None = None
     event_types: tuple[MessageType, ...] | None = None
+    # Replace the built-in lists (consumers/triggers.py); "^word": first word only.
+    greeting_words: tuple[Word, ...] | None = Field(default=None, max_length=500)
+    farewell_words: tuple[Word, ...] | None = Field(default=None, max_length=500)
 
     user_cooldown_s: float | None = Field(default=None, ge=0, le=86400)
     channel_cooldown_s: float | None = Field(default=None, ge=0, le=86400)
@@ -120,13 +123,26 @@ class CommunityConfigRecord(BaseModel):
     updated_at: datetime | None = None
 
     _split = field_validator(
-        "fallback_providers", "blocked_words", "triggers", "event_types", mode="before"
+        "fallback_providers", "blocked_words", "triggers", "event_types", "greeting_words",
+        "farewell_words", mode="before"
     )(_csv)
 
-    @field_validator("fallback_providers", "triggers", "event_types", "blocked_words")
+    @field_validator("fallback_providers", "triggers", "event_types", "blocked_words",
+                     "greeting_words", "farewell_words")
     @classmethod
     def _dedupe(cls, value: tuple[Any, ...] | None) -> tuple[Any, ...] | None:
         return None if value is None else _unique(value)
+
+    @field_validator("greeting_words", "farewell_words")
+    @classmethod
+    def _words_with_something_to_match(
+        cls, value: tuple[str, ...] | None
+    ) -> tuple[str, ...] | None:
+        if value is not None:
+            for word in value:
+                if not word.lstrip("^").strip():
+                    raise ValueError(f"{word!r} has nothing to match")
+        return value
 
     @field_validator("event_types")
     @classmethod

@@ -99,7 +99,8 @@ def merge_profile(
     )
     rules = base.trigger_rules
     if record.bot_name is not None or record.triggers is not None or (
-            record.event_types is not None):
+            record.event_types is not None or record.greeting_words is not None
+            or record.farewell_words is not None):
         rules = TriggerRules(
             bot_name=bot_name,
             known_bots=rules.known_bots,
@@ -107,6 +108,10 @@ def merge_profile(
                               else rules.enabled_triggers),
             answered_events=(frozenset(record.event_types) if record.event_types is not None
                              else rules.answered_events),
+            greeting_words=(record.greeting_words if record.greeting_words is not None
+                            else rules.greeting_words),
+            farewell_words=(record.farewell_words if record.farewell_words is not None
+                            else rules.farewell_words),
         )
     provider = record.provider if record.provider is not None else base.provider
     fallbacks = (record.fallback_providers if record.fallback_providers is not None

@@ -40,7 +40,9 @@ Decisions on the cases the contract leaves open:
 
 from __future__ import annotations
 
+import itertools
 import re
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -66,17 +68,70 @@ DEFAULT_TRIGGERS: frozenset[Trigger] = frozenset(
 )
 EVENT_TYPES: frozenset[MessageType] = frozenset(MessageType) - {MessageType.CHAT_MESSAGE}
 
-GREETING_WORDS: tuple[str, ...] = (
-    "hi", "hello", "hey", "howdy", "hiya", "sup", "greetings", "o7",
-)
-FAREWELL_WORDS: tuple[str, ...] = ("bye", "goodbye", "cya")
+# Greetings and farewells as chat types them, by language. A phrase's words may
+# be run together or hyphenated ("goodnight", "good-night"); accents are
+# optional ("adios" = "adiós", "tschuss" = "tschüss"); any letter may be
+# stretched. A leading "^" means "only as the first word of the line", for
+# words that are also everyday words elsewhere ("later", "yo" in Spanish).
+GREETINGS_BY_LANGUAGE: dict[str, tuple[str, ...]] = {
+    "en": ("hi", "hello", "hey", "heya", "heyo", "howdy", "hiya", "sup", "wassup",
+           "what's up", "greetings", "^yo", "good morning", "good afternoon",
+           "good evening", "^morning", "gm", "o7", "o/"),
+    "es": ("hola", "buenas", "buenos dias", "buenas tardes", "que tal", "saludos"),
+    "pt": ("oi", "ola", "e ai", "bom dia", "boa tarde", "salve"),
+    "fr": ("bonjour", "bonsoir", "salut", "coucou"),
+    "de": ("hallo", "moin", "servus", "guten morgen", "guten tag", "guten abend"),
+    "it": ("ciao", "buongiorno", "buonasera", "ehi"),
+}
+FAREWELLS_BY_LANGUAGE: dict[str, tuple[str, ...]] = {
+    "en": ("bye", "goodbye", "cya", "see ya", "see you soon", "see you tomorrow",
+           "see you later", "see ya later", "see u later", "catch you later",
+           "catch ya later", "catch u later", "^later", "good night", "gn", "gnight",
+           "nite", "peace out", "ttyl", "gtg", "g2g", "gotta go", "farewell"),
+    "es": ("adios", "chao", "chau", "hasta luego", "hasta manana", "hasta pronto",
+           "nos vemos", "buenas noches"),
+    "pt": ("tchau", "ate logo", "ate mais", "ate amanha", "boa noite", "^falou"),
+    "fr": ("au revoir", "bonne nuit", "a plus tard", "a demain", "bonne soiree"),
+    "de": ("tschuss", "tschuess", "tschau", "auf wiedersehen", "gute nacht", "bis dann",
+           "bis spater", "bis spaeter", "bis morgen"),
+    "it": ("arrivederci", "buona notte", "a dopo", "ci vediamo", "a presto"),
+}
+GREETING_WORDS: tuple[str, ...] = tuple(
+    dict.fromkeys(w for words in GREETINGS_BY_LANGUAGE.values() for w in words))
+FAREWELL_WORDS: tuple[str, ...] = tuple(
+    dict.fromkeys(w for words in FAREWELLS_BY_LANGUAGE.values() for w in words))
 
 _TRUE_STRINGS = frozenset({"true", "1", "yes", "y", "on"})
 
 
+def fold(text: str) -> str:
+    """Case and accents away: "Adiós" and "adios" are one word to match."""
+    folded = text.casefold()
+    if folded.isascii():
+        return folded
+    decomposed = unicodedata.normalize("NFKD", folded)
+    return "".join(char for char in decomposed if not unicodedata.combining(char))
+
+
 def _stretchable(word: str) -> str:
-    """Chat stretches words ("heyyy", "hellooo"): let every letter repeat."""
-    return "".join(f"{re.escape(char)}+" for char in word)
+    """Chat stretches words ("heyyy", "hellooo"): let every letter repeat.
+
+    An apostrophe is optional ("whats up"), and so is the space or hyphen
+    between a phrase's words ("goodnight", "good-night").
+    """
+    parts = []
+    for piece in fold(word).split():
+        pattern = []
+        # A run of one letter is one quantified atom ("ee" -> `e{2,}`, not `e+e+`):
+        # stacked `+`s on one letter backtrack exponentially on "seeeee…x".
+        for char, run in itertools.groupby(piece):
+            if char in "'\u2019":
+                pattern.append("['\u2019]*")
+                continue
+            count = len(list(run))
+            pattern.append(re.escape(char) + ("+" if count == 1 else f"{{{count},}}"))
+        parts.append("".join(pattern))
+    return r"[\s\-]*".join(parts)
 
 
 def _word_alternation(words: Iterable[str]) -> str:
@@ -86,18 +141,26 @@ def _word_alternation(words: Iterable[str]) -> str:
 
 
 # `(?<!\w)` / `(?!\w)` rather than `\b`: they behave the same for words made of
-# word characters, and stay correct for a bot name that starts or ends with
-# punctuation. `(?:...)+` lets a doubled word ("byebye") count.
-_GREETING_RE = re.compile(
-    rf"(?<!\w)(?:{_word_alternation(GREETING_WORDS)})+(?!\w)", re.IGNORECASE
-)
-_FAREWELL_RE = re.compile(
-    rf"(?<!\w)(?:{_word_alternation(FAREWELL_WORDS)})+(?!\w)"
-    rf"|(?<![\w!])!lurk(?!\w)"
-    rf"|^\W*{_stretchable('later')}(?!\w)"
-    rf"|(?<!\w)(?:see|catch)\s+(?:you|ya|u)\s+{_stretchable('later')}(?!\w)",
-    re.IGNORECASE,
-)
+# word characters, and stay correct for words that start or end with
+# punctuation ("o/"). A backslash before counts as part of the word, so the
+# cheer "\o/" is not the wave "o/". `(?:...)+` lets a doubled word ("byebye") count.
+def compile_words(words: Iterable[str], *, extra: str = "") -> re.Pattern[str]:
+    """One pattern for a list of words (see the module docstring); matched on `fold(text)`."""
+    anywhere = [w.strip() for w in words if w.strip() and not w.strip().startswith("^")]
+    first = [w.strip()[1:].strip() for w in words if w.strip().startswith("^")]
+    branches = []
+    if anywhere:
+        branches.append(rf"(?<![\w\\])(?:{_word_alternation(anywhere)}[\s\-]*)+(?<![\s\-])"
+                        rf"(?!\w)")
+    if any(first):
+        branches.append(rf"^\W*{_word_alternation(w for w in first if w)}(?!\w)")
+    if extra:
+        branches.append(extra)
+    return re.compile("|".join(branches) or r"(?!)")
+
+
+_GREETING_RE = compile_words(GREETING_WORDS)
+_FAREWELL_RE = compile_words(FAREWELL_WORDS, extra=r"(?<![\w!])!lurk(?!\w)")
 _URL_RE = re.compile(r"(?:https?://|www\.)\S+", re.IGNORECASE)
 _COMMAND_RE = re.compile(r"^\s*!(\w+)")
 _HAS_WORD_RE = re.compile(r"\w")
@@ -124,8 +187,13 @@ class TriggerRules:
     known_bots: frozenset[str] = frozenset()
     enabled_triggers: frozenset[Trigger] = DEFAULT_TRIGGERS
     answered_events: frozenset[MessageType] = EVENT_TYPES
+    # A community's own lists replace the defaults (config: greeting_words, farewell_words).
+    greeting_words: tuple[str, ...] = GREETING_WORDS
+    farewell_words: tuple[str, ...] = FAREWELL_WORDS
     # Compiled once here, never per event: the hot path only runs them.
     _mention_re: re.Pattern[str] = field(init=False, repr=False, compare=False)
+    greeting_re: re.Pattern[str] = field(init=False, repr=False, compare=False)
+    farewell_re: re.Pattern[str] = field(init=False, repr=False, compare=False)
     _bot_key: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -137,6 +205,11 @@ class TriggerRules:
             self, "known_bots", frozenset(_norm_name(bot) for bot in self.known_bots)
         )
         object.__setattr__(self, "_bot_key", name.casefold())
+        object.__setattr__(self, "greeting_re", _GREETING_RE if (
+            self.greeting_words == GREETING_WORDS) else compile_words(self.greeting_words))
+        object.__setattr__(self, "farewell_re", _FAREWELL_RE if (
+            self.farewell_words == FAREWELL_WORDS) else compile_words(
+                self.farewell_words, extra=r"(?<![\w!])!lurk(?!\w)"))
         object.__setattr__(
             self,
             "_mention_re",
@@ -205,11 +278,12 @@ def is_question(text: str) -> bool:
 
 
 def is_greeting(text: str) -> bool:
-    return bool(_GREETING_RE.search(text))
+    """With the default lists; a community's own lists live in its `TriggerRules`."""
+    return bool(_GREETING_RE.search(fold(text)))
 
 
 def is_farewell(text: str) -> bool:
-    return bool(_FAREWELL_RE.search(text))
+    return bool(_FAREWELL_RE.search(fold(text)))
 
 
 def chat_triggers(event: InteractionEvent, rules: TriggerRules) -> list[Trigger]:
@@ -220,9 +294,10 @@ def chat_triggers(event: InteractionEvent, rules: TriggerRules) -> list[Trigger]
         found.append(Trigger.MENTION)
     if is_question(text):
         found.append(Trigger.QUESTION)
-    if is_greeting(text):
+    folded = fold(text)
+    if rules.greeting_re.search(folded):
         found.append(Trigger.GREETING)
-    if is_farewell(text):
+    if rules.farewell_re.search(folded):
         found.append(Trigger.FAREWELL)
     return found
 
@@ -264,13 +339,17 @@ def _enabled(found: list[Trigger], enabled: frozenset[Trigger]) -> TriggerDecisi
 __all__ = [
     "DEFAULT_TRIGGERS",
     "EVENT_TYPES",
+    "FAREWELLS_BY_LANGUAGE",
     "FAREWELL_WORDS",
+    "GREETINGS_BY_LANGUAGE",
     "GREETING_WORDS",
     "SkipReason",
     "TriggerDecision",
     "TriggerRules",
     "chat_triggers",
+    "compile_words",
     "detect_trigger",
+    "fold",
     "is_farewell",
     "is_greeting",
     "is_question",

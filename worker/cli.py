@@ -72,6 +72,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     configure_logging(settings.log_level, settings.log_format.value,
                       user_hash_key=settings.log_hash_key)
+    if settings.log_level != "DEBUG":
+        # aiormq logs every refused connection itself; the failure reaches us
+        # as an exception and is said once, with the setting to change (at
+        # start, below; while running, as "broker connection lost").
+        logging.getLogger("aiormq.connection").addFilter(_not_transport_errors)
     handlers = {
         "run": _run, "topology": _topology, "publish": _publish, "dlq": _dlq,
         "migrate": config_cli.run_migrate, "config": config_cli.run_config,
@@ -96,6 +101,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if logging.getLogger().isEnabledFor(logging.DEBUG):
             traceback.print_exception(exc, file=sys.stderr)
         return failure.exit_code
+
+
+def _not_transport_errors(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("error when creating transport")
 
 
 def _install_fast_loop() -> None:

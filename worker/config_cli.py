@@ -66,7 +66,7 @@ async def run_migrate(settings: Settings, _: argparse.Namespace) -> int:
         return _fail("DATABASE_URL is not set: there is no database to migrate", code=2)
     try:
         applied = await migrate(settings.database_url)
-    except (MigrationError, OSError) as exc:
+    except MigrationError as exc:
         return _fail(f"migration failed on {redact_dsn(settings.database_url)}: {exc}")
     print("applied: " + ", ".join(applied) if applied else "the schema is up to date")
     return 0

@@ -65,6 +65,7 @@ from config.settings import Settings
 from publishers.confirm import PublishFailed, publish_confirmed
 from publishers.failures import copy_message, now_rfc3339, retry_count
 from schemas import headers
+from worker.errors import describe_failure
 
 PREVIEW_CHARS = 60
 
@@ -623,7 +624,7 @@ async def command(settings: Settings, args: argparse.Namespace, topology: Topolo
         connection = await aio_pika.connect(
             settings.amqp_url, client_properties={"connection_name": "waddle-ai dlq"})
     except (AMQPError, OSError) as exc:
-        print(f"waddle-ai: cannot reach the broker: {exc}", file=sys.stderr)
+        print(f"waddle-ai: {describe_failure(exc, settings).message}", file=sys.stderr)
         return 1
     box = DeadLetterBox(connection, topology)
     try:

@@ -105,8 +105,9 @@ def describe_failure(exc: BaseException, settings: Settings) -> CommandFailure:
                 "to a free port (0 picks one)")
         if isinstance(link, LocalModelUnavailable):
             if settings.local_model_path:
-                return CommandFailure(f"the local model cannot be loaded: {link} "
-                                      "(LOCAL_MODEL_PATH)", EXIT_BAD_SETTINGS)
+                named = "" if "LOCAL_MODEL_PATH" in str(link) else " (LOCAL_MODEL_PATH)"
+                return CommandFailure(f"the local model cannot be loaded: {link}{named}",
+                                      EXIT_BAD_SETTINGS)
             return CommandFailure(f"the local model cannot be loaded: {link} (AI_PROVIDER, "
                                   "AI_FALLBACK_PROVIDERS, LOCAL_MODEL_PATH)")
     service = _service(exc)

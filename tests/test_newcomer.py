@@ -101,7 +101,8 @@ async def test_publish_wait_and_explain_tell_a_reply_a_cooldown_and_no_trigger_a
     code, out, err = await run_cli("explain", second_id, "--json", env=env, cwd=tmp_path)
     assert code == 0, err
     record = orjson.loads(out)
-    assert record["status"] == "no_reply" and record["final"] is True
+    assert record["status"] == "no_reply"
+    assert record["final"] is True
     assert "hello again" not in out  # no message text is kept
     code, out, err = await run_cli("explain", first_id, env=env, cwd=tmp_path)
     assert code == 0, err
@@ -158,7 +159,8 @@ async def test_an_unroutable_reply_says_nobody_listens_and_ends_in_the_dlq_as_un
 
     code, _, err = await run_cli("publish", "hello there", env=env, cwd=tmp_path)
     assert code == 0, err
-    assert f"{prefix}.responses" in err and "unroutable" in err  # the CLI warns
+    assert f"{prefix}.responses" in err
+    assert "unroutable" in err
     event_id = err.split("published event ", 1)[1].split()[0]
 
     record: dict[str, object] = {}
@@ -234,10 +236,11 @@ async def test_an_unreachable_service_is_one_line_naming_the_setting(
             "REDIS_URL": f"redis://{CLOSED}/0"}
     env = WorkerLauncher(tmp_path).env(
         QUEUE_PREFIX=prefix, AI_PROVIDER="ollama", **{setting: urls[setting]})
-    code, out, err = await run_cli(*args, env=env, cwd=tmp_path)
+    code, _out, err = await run_cli(*args, env=env, cwd=tmp_path)
     assert code == 1, err
     line = one_line(err)
-    assert what in line and setting in line, line
+    assert what in line, line
+    assert setting in line, line
     assert "guest:guest" not in err  # credentials stay out of the message
 
 
@@ -261,7 +264,8 @@ async def test_a_second_worker_on_a_taken_port_says_which_setting(
                                       wait_ready=False)
         assert await worker.wait_exit(60) == 1
     text = worker.log_text()
-    assert "address already in use" in text and "SIDECAR_PORT" in text, text
+    assert "address already in use" in text, text
+    assert "SIDECAR_PORT" in text, text
     no_traceback(text)
 
 
@@ -271,4 +275,5 @@ async def test_a_bad_model_path_is_a_bad_setting(prefix: str, tmp_path: Path) ->
     code, _, err = await run_cli("run", env=env, cwd=tmp_path)
     assert code == 2
     line = one_line(err)
-    assert "LOCAL_MODEL_PATH" in line and "missing.gguf" in line
+    assert "LOCAL_MODEL_PATH" in line
+    assert "missing.gguf" in line

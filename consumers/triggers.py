@@ -78,7 +78,7 @@ GREETINGS_BY_LANGUAGE: dict[str, tuple[str, ...]] = {
            "what's up", "greetings", "^yo", "good morning", "good afternoon",
            "good evening", "^morning", "gm", "o7", "o/"),
     "es": ("hola", "buenas", "buenos dias", "buenas tardes", "que tal", "saludos"),
-    "pt": ("oi", "ola", "e ai", "bom dia", "boa tarde", "salve"),
+    "pt": ("oi", "ola", "^e ai", "bom dia", "boa tarde", "salve"),
     "fr": ("bonjour", "bonsoir", "salut", "coucou"),
     "de": ("hallo", "moin", "servus", "guten morgen", "guten tag", "guten abend"),
     "it": ("ciao", "buongiorno", "buonasera", "ehi"),
@@ -90,9 +90,9 @@ FAREWELLS_BY_LANGUAGE: dict[str, tuple[str, ...]] = {
            "nite", "peace out", "ttyl", "gtg", "g2g", "gotta go", "farewell"),
     "es": ("adios", "chao", "chau", "hasta luego", "hasta manana", "hasta pronto",
            "nos vemos", "buenas noches"),
-    "pt": ("tchau", "ate logo", "ate mais", "ate amanha", "boa noite", "^falou"),
+    "pt": ("tchau", "tchauzinho", "ate logo", "ate mais", "ate amanha", "boa noite", "^falou"),
     "fr": ("au revoir", "bonne nuit", "a plus tard", "a demain", "bonne soiree"),
-    "de": ("tschuss", "tschuess", "tschau", "auf wiedersehen", "gute nacht", "bis dann",
+    "de": ("tschuss", "tschus", "tschuess", "tschau", "auf wiedersehen", "gute nacht", "bis dann",
            "bis spater", "bis spaeter", "bis morgen"),
     "it": ("arrivederci", "buona notte", "a dopo", "ci vediamo", "a presto"),
 }
@@ -295,11 +295,20 @@ def chat_triggers(event: InteractionEvent, rules: TriggerRules) -> list[Trigger]
     if is_question(text):
         found.append(Trigger.QUESTION)
     folded = fold(text)
-    if rules.greeting_re.search(folded):
+    greeting = rules.greeting_re.search(folded)
+    farewell = rules.farewell_re.search(folded)
+    # A word inside a longer phrase of the other list is that phrase's:
+    # "buenas noches" is a goodbye, though "buenas" alone is a hello.
+    if greeting and not (farewell and _inside(greeting, farewell)):
         found.append(Trigger.GREETING)
-    if rules.farewell_re.search(folded):
+    if farewell and not (greeting and _inside(farewell, greeting)):
         found.append(Trigger.FAREWELL)
     return found
+
+
+def _inside(short: re.Match[str], long: re.Match[str]) -> bool:
+    return (long.start() <= short.start() and short.end() <= long.end()
+            and long.end() - long.start() > short.end() - short.start())
 
 
 def detect_trigger(event: InteractionEvent, rules: TriggerRules) -> TriggerDecision:

@@ -17,6 +17,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from pydantic import ValidationError
 
 from config.community import CommunityProfile, EnvCommunityConfig, RateLimit
 from config.database import Pool, create_pool, redact_dsn
@@ -676,3 +677,31 @@ async def test_cli_assignments_become_changes(pool: Pool) -> None:
     with pytest.raises(ValueError, match="argument #1 is not name=value") as caught:
         parse_assignments([API_KEY])
     assert API_KEY not in str(caught.value)
+
+
+def test_greeting_and_farewell_words_are_optional_per_community_fields(
+    settings: Settings,
+) -> None:
+    record = CommunityConfigRecord(community_id="x", greeting_words="ahoy, ^waddle on",
+                                   farewell_words="fair winds")
+    assert record.greeting_words == ("ahoy", "^waddle on")
+    assert record.farewell_words == ("fair winds",)
+    with pytest.raises(ValidationError):
+        CommunityConfigRecord(community_id="x", greeting_words=["^"])
+    env = asyncio.run(EnvCommunityConfig(settings).profile("x"))
+    merged = merge_profile(env, record)
+    assert merged.trigger_rules.greeting_words == ("ahoy", "^waddle on")
+    assert merged.trigger_rules.bot_name == env.trigger_rules.bot_name
+    # Not set: the built-in lists.
+    plain = merge_profile(env, CommunityConfigRecord(community_id="x", triggers="greeting"))
+    assert plain.trigger_rules.greeting_words == env.trigger_rules.greeting_words
+
+
+async def test_trigger_words_are_stored_and_cleared(pool: Pool, keybox: KeyBox) -> None:
+    repository = ConfigRepository(pool, keybox)
+    saved = await repository.upsert("penguins", {"greeting_words": "ahoy,good morning",
+                                                 "farewell_words": ""})
+    assert saved.greeting_words == ("ahoy", "good morning")
+    assert saved.farewell_words == ()  # an empty list: no farewells by words
+    cleared = await repository.upsert("penguins", {"greeting_words": None})
+    assert cleared.greeting_words is None

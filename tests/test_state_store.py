@@ -699,3 +699,31 @@ async def test_record_clears_the_stash(harness: Harness) -> None:
     assert await store.stash_reply("e1", "a1", b"{}", ttl_ms=60_000)
     await store.record(record_req("e1", exchange(1), attempt_id="a1"))
     assert await store.was_answered("e1")
+
+
+# --- what "why no reply?" needs ---------------------------------------------
+
+
+async def test_a_cooldown_refusal_says_how_long_it_still_runs(harness: Harness) -> None:
+    store = harness.store
+    assert (await store.admit(admit_req("e1", key=conv(user="u1")))).admitted
+    user = await store.admit(admit_req("e2", key=conv(user="u1")))
+    assert user.verdict is Verdict.USER_COOLDOWN
+    assert user.cooldown_left_ms is not None
+    assert 0 < user.cooldown_left_ms <= 10_000
+    channel = await store.admit(admit_req("e3", key=conv(user="u2")))
+    assert channel.verdict is Verdict.CHANNEL_COOLDOWN
+    assert channel.cooldown_left_ms is not None
+    assert 0 < channel.cooldown_left_ms <= 2_000
+
+
+async def test_outcomes_are_kept_for_their_ttl_then_forgotten(harness: Harness) -> None:
+    store = harness.store
+    assert await store.get_outcome("e1") is None
+    await store.put_outcome("e1", b'{"status": "no_reply"}', ttl_s=1)
+    assert await store.get_outcome("e1") == b'{"status": "no_reply"}'
+    await store.put_outcome("e1", b'{"status": "replied"}', ttl_s=1)  # the last word wins
+    assert await store.get_outcome("e1") == b'{"status": "replied"}'
+    assert await store.get_outcome("e2") is None
+    await harness.advance(1.2)
+    assert await store.get_outcome("e1") is None

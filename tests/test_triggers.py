@@ -297,3 +297,91 @@ def test_mention_is_answered_by_default_but_can_be_switched_off() -> None:
 def test_proactive_is_never_detected_here() -> None:
     rules = TriggerRules(bot_name="waddlebot", enabled_triggers=frozenset(Trigger))
     assert decide("nice play", rules=rules) == TriggerDecision.skip("no_trigger")
+
+
+# --- real chat, six languages -------------------------------------------------
+
+GREETINGS_AS_TYPED = {
+    "en": ["yo", "Yo chat!", "good morning", "Good Morning everyone", "goood mooorning",
+           "morning all", "gm", "heya", "whats up chat", "what's up", "o/", "o7 o7", "hiiii",
+           "helloooo", "wassup"],
+    "es": ["hola", "Holaaa a todos", "buenas", "buenos días", "buenos dias chat",
+           "buenas tardes", "qué tal gente", "saludos"],
+    "pt": ["oi", "oiii gente", "olá", "ola pessoal", "e aí", "eai galera", "bom dia",
+           "boa tarde", "salve salve"],
+    "fr": ["bonjour", "Bonjour à tous", "bonsoir", "salut", "coucou tout le monde"],
+    "de": ["hallo", "Hallo zusammen", "moin", "moin moin", "servus", "guten Morgen",
+           "guten tag", "guten abend"],
+    "it": ["ciao", "ciaooo a tutti", "buongiorno", "buonasera", "ehi"],
+}
+FAREWELLS_AS_TYPED = {
+    "en": ["good night all", "gn", "gn chat", "goodnight", "good-night everyone",
+           "see ya", "seeya", "see ya later", "peace out", "byeee", "ttyl", "gtg", "gotta go",
+           "see you tomorrow", "see you soon", "later!"],
+    "es": ["adiós", "adios amigos", "chao", "chau", "hasta luego", "hasta mañana",
+           "nos vemos", "buenas noches"],
+    "pt": ["tchau", "tchauzinho", "até logo", "ate mais", "boa noite", "falou galera"],
+    "fr": ["au revoir", "bonne nuit", "à plus tard", "à demain", "bonne soirée"],
+    "de": ["tschüss", "tschuss", "tschüs", "tschau", "auf wiedersehen", "gute nacht",
+           "bis später", "bis dann", "bis morgen"],
+    "it": ["arrivederci", "buona notte", "buonanotte", "a dopo", "ci vediamo", "a presto"],
+}
+# Each language's words where they are only letters inside other words, or
+# everyday words of another meaning.
+TRAPS = {
+    "en": ["you", "your turn", "young", "sign here", "gnome", "design", "sunglasses",
+           "yoga time", "toyota", "going home", "coin toss", "noise", "see you on stream",
+           "peace and quiet", "morningstar", "the night is young",
+           "gmail", "whatsoever", "ogtg", "\\o/ nice play", "golden"],
+    "es": ["holanda", "holanda ganó", "adiosito", "chaos", "chaotic", "buenasooo x",
+           "hastag", "nosotros vemos"],
+    "pt": ["oitenta", "boiola", "tchauzao x", "olavo", "bombom dia", "ele falou que sim"],
+    "fr": ["salutation", "saluting", "bonjournée", "coucouche", "au revoirs"],
+    "de": ["hallowen", "halloween", "moinsen", "servusbus", "bist du da"],
+    "it": ["ciaone", "ciaone proprio", "ehilà x", "piace e ai ragazzi", "cioa"],
+}
+
+
+def _cases(table: dict[str, list[str]]) -> list[tuple[str, str]]:
+    return [(language, text) for language, texts in table.items() for text in texts]
+
+
+@pytest.mark.parametrize(("language", "text"), _cases(GREETINGS_AS_TYPED))
+def test_greetings_as_people_type_them(language: str, text: str) -> None:
+    assert decide(text) == TriggerDecision.reply(Trigger.GREETING), (language, text)
+
+
+@pytest.mark.parametrize(("language", "text"), _cases(FAREWELLS_AS_TYPED))
+def test_farewells_as_people_type_them(language: str, text: str) -> None:
+    assert decide(text) == TriggerDecision.reply(Trigger.FAREWELL), (language, text)
+
+
+@pytest.mark.parametrize(("language", "text"), _cases(TRAPS))
+def test_words_inside_other_words_never_fire(language: str, text: str) -> None:
+    assert not is_greeting(text), (language, text)
+    assert not is_farewell(text), (language, text)
+
+
+def test_every_language_has_both_lists() -> None:
+    from consumers.triggers import FAREWELLS_BY_LANGUAGE, GREETINGS_BY_LANGUAGE
+
+    for language in ("en", "es", "pt", "fr", "de", "it"):
+        assert GREETINGS_BY_LANGUAGE[language], language
+        assert FAREWELLS_BY_LANGUAGE[language], language
+
+
+def test_a_community_replaces_the_lists_with_its_own() -> None:
+    rules = TriggerRules(bot_name="waddlebot", greeting_words=("ahoy", "^waddle on"),
+                         farewell_words=("fair winds",))
+    assert decide("ahoyyy mates", rules=rules) == TriggerDecision.reply(Trigger.GREETING)
+    assert decide("waddle on, friends", rules=rules) == TriggerDecision.reply(Trigger.GREETING)
+    # "^": only as the first words of the line.
+    assert decide("we waddle on", rules=rules) == TriggerDecision.skip("no_trigger")
+    assert decide("fair winds all", rules=rules) == TriggerDecision.reply(Trigger.FAREWELL)
+    # Its lists replace the built-in ones; !lurk stays a goodbye.
+    assert decide("hello", rules=rules) == TriggerDecision.skip("no_trigger")
+    assert decide("bye", rules=rules) == TriggerDecision.skip("no_trigger")
+    assert decide("!lurk", rules=rules) == TriggerDecision.reply(Trigger.FAREWELL)
+    # An empty list switches the trigger's words off.
+    silent = TriggerRules(bot_name="waddlebot", greeting_words=())
+    assert decide("hello", rules=silent) == TriggerDecision.skip("no_trigger")

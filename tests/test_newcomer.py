@@ -147,13 +147,20 @@ async def test_a_dead_letter_is_explained_from_redis_after_its_retries(
     assert len(await get_dead_letters(topology, 1)) == 1
 
 
+@pytest.mark.parametrize("backend", ["memory", "redis"])
 async def test_an_unroutable_reply_says_nobody_listens_and_ends_in_the_dlq_as_unroutable(
     launcher: WorkerLauncher, fake: FakeProvider, prefix: str, tmp_path: Path,
-    topology: Topology,
+    topology: Topology, backend: str,
 ) -> None:
-    """No router bound to ai.responses: retried (it may be restarting), then dead-lettered."""
-    settings = worker_settings(prefix, fake, REDIS_URL=REDIS_URL, USER_COOLDOWN_S="0",
-                               CHANNEL_COOLDOWN_S="0")
+    """No router bound to ai.responses: retried (it may be restarting), then dead-lettered.
+
+    The README's walk-through: `publish` without `--wait`, then `explain`
+    (from the sidecar on memory, from Redis with REDIS_URL).
+    """
+    state = ({"REDIS_URL": REDIS_URL} if backend == "redis"
+             else {"SIDECAR_PORT": str(free_port())})
+    settings = worker_settings(prefix, fake, USER_COOLDOWN_S="0", CHANNEL_COOLDOWN_S="0",
+                               **state)
     worker = await launcher.start(settings)
     env = launcher.env(**settings)
 

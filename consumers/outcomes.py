@@ -74,7 +74,9 @@ REASON_TEXT: Final[dict[str, str]] = {
     "rate_limited_proactive": "proactive chatter's rate limit is used up",
     "in_flight_elsewhere": "another copy of this event is being answered; this one waits "
                            "in the delay queues",
-    "lease_lost": "another attempt took this event over; this copy waits",
+    "lease_lost": "the answer took longer than this attempt's in-flight lease (the "
+                  "provider's timeout + 15 s), so another copy may have taken over; it is "
+                  "tried again after a delay",
 }
 
 

@@ -67,7 +67,8 @@ async def test_publish_wait_and_explain_tell_a_reply_a_cooldown_and_no_trigger_a
 ) -> None:
     """Memory backend (the README's default): outcomes come from the worker's sidecar."""
     port = free_port()
-    settings = worker_settings(prefix, fake, SIDECAR_PORT=str(port), USER_COOLDOWN_S="10")
+    settings = worker_settings(prefix, fake, SIDECAR_PORT=str(port), USER_COOLDOWN_S="10",
+                               CHANNEL_COOLDOWN_S="600")
     worker = await launcher.start(settings)
     env = launcher.env(**settings)
 
@@ -93,6 +94,19 @@ async def test_publish_wait_and_explain_tell_a_reply_a_cooldown_and_no_trigger_a
     assert code == 1
     assert "no reply (no_trigger)" in err
     no_traceback(out, err)
+
+    # Someone else in the same channel: the channel's cooldown, with its setting.
+    code, out, err = await run_cli("publish", "hey all", "--wait", "--user", "carol",
+                                   env=env, cwd=tmp_path)
+    assert code == 1
+    assert "no reply (channel_cooldown): channel cooldown: a reply to this channel" in err
+    assert "CHANNEL_COOLDOWN_S=600" in err
+    # Another bot's line.
+    code, out, err = await run_cli("publish", "hello everyone", "--wait", "--user", "dave",
+                                   "--metadata", '{"is_bot": true}', env=env, cwd=tmp_path)
+    assert code == 1
+    assert "no reply (bot_message): sent by a bot" in err
+    assert "KNOWN_BOTS" in err
 
     # Later, from the outside: `explain` asks the sidecar (SIDECAR_PORT) for each.
     code, out, err = await run_cli("explain", second_id, env=env, cwd=tmp_path)
@@ -249,6 +263,21 @@ async def test_an_unreachable_service_is_one_line_naming_the_setting(
     assert what in line, line
     assert setting in line, line
     assert "guest:guest" not in err  # credentials stay out of the message
+
+
+async def test_explain_without_redis_or_a_sidecar_says_where_to_look(
+    prefix: str, tmp_path: Path
+) -> None:
+    env = WorkerLauncher(tmp_path).env(QUEUE_PREFIX=prefix, SIDECAR_PORT="0")
+    code, _, err = await run_cli("explain", "e1", env=env, cwd=tmp_path)
+    assert code == 1
+    assert "outcomes live in the worker process" in one_line(err)
+    assert "--sidecar" in err
+    port = free_port()  # nothing listens there
+    code, _, err = await run_cli("explain", "e1", "--sidecar", f"http://127.0.0.1:{port}",
+                                 env=env, cwd=tmp_path)
+    assert code == 1
+    assert f"cannot reach the worker's sidecar at http://127.0.0.1:{port}" in one_line(err)
 
 
 async def test_the_traceback_is_there_with_log_level_debug(prefix: str, tmp_path: Path) -> None:

@@ -260,9 +260,10 @@ class InteractionConsumer:
             reply = outcome.reply
             self._metrics.replies.labels(reply.trigger.value, reply.provider).inc()
             await self._ack(message)
+            waited = f", {reply.age_ms} ms after it was sent" if reply.age_ms is not None else ""
             return Fate(REPLIED, reply.trigger.value,
                         f"answered by {reply.provider} ({reply.model}) in "
-                        f"{reply.processing_time_ms} ms",
+                        f"{reply.processing_time_ms} ms{waited}",
                         {"trigger": reply.trigger.value, "provider": reply.provider,
                          "age_ms": reply.age_ms})
         if isinstance(outcome, Skipped):

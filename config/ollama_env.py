@@ -60,13 +60,16 @@ class OllamaAddress:
     port: int | None
     path: str
 
-    def url(self, *, default_port: int, use_tls: bool) -> str:
-        """The base URL, with a port the host did not name filled in."""
+    def url(self, *, port: int | None, use_tls: bool) -> str:
+        """The base URL; `port` (OLLAMA_PORT, when set) fills in a port the host left open.
+
+        Left open and not set: `http://host` is port 80 (https: 443) for
+        Ollama's CLI, and a bare host is Ollama's own port.
+        """
         scheme = self.scheme or ("https" if use_tls else "http")
-        port = self.port
+        port = self.port or port
         if port is None:
-            # `http://host` is port 80 for Ollama's CLI; a bare host is Ollama's port.
-            port = SCHEME_PORTS[scheme] if self.scheme is not None else default_port
+            port = SCHEME_PORTS[scheme] if self.scheme is not None else DEFAULT_PORT
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{scheme}://{host}:{port}{self.path}"
 

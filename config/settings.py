@@ -14,7 +14,13 @@ from typing import Annotated, Any
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from config.ollama_env import ThinkValue, parse_keep_alive, parse_ollama_host, parse_think
+from config.ollama_env import (
+    DEFAULT_PORT,
+    ThinkValue,
+    parse_keep_alive,
+    parse_ollama_host,
+    parse_think,
+)
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are {bot_name}, the friendly, upbeat chat bot of a live-streaming community. "
@@ -71,7 +77,7 @@ class Settings(BaseSettings):
     ai_fallback_providers: Annotated[list[ProviderName], NoDecode] = Field(default_factory=list)
 
     ollama_host: str = "localhost"
-    ollama_port: int = Field(default=11434, ge=1, le=65535)
+    ollama_port: int = Field(default=DEFAULT_PORT, ge=1, le=65535)
     ollama_use_tls: bool = False
     ollama_cert_path: str | None = None
     ollama_verify_ssl: bool = True
@@ -232,7 +238,9 @@ class Settings(BaseSettings):
     def ollama_base_url(self) -> str:
         """The base URL from `OLLAMA_HOST` in any form Ollama accepts (`config.ollama_env`)."""
         address = parse_ollama_host(self.ollama_host)
-        return address.url(default_port=self.ollama_port, use_tls=self.ollama_use_tls)
+        port_set = "ollama_port" in self.model_fields_set or self.ollama_port != DEFAULT_PORT
+        return address.url(port=self.ollama_port if port_set else None,
+                           use_tls=self.ollama_use_tls)
 
     @property
     def ollama_keep_alive_value(self) -> str | int:

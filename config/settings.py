@@ -14,6 +14,14 @@ from typing import Annotated, Any
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from config.ollama_env import (
+    DEFAULT_PORT,
+    ThinkValue,
+    parse_keep_alive,
+    parse_ollama_host,
+    parse_think,
+)
+
 DEFAULT_SYSTEM_PROMPT = (
     "You are {bot_name}, the friendly, upbeat chat bot of a live-streaming community. "
     "You answer viewers in chat: short, warm, on topic, one or two sentences, "
@@ -69,13 +77,16 @@ class Settings(BaseSettings):
     ai_fallback_providers: Annotated[list[ProviderName], NoDecode] = Field(default_factory=list)
 
     ollama_host: str = "localhost"
-    ollama_port: int = Field(default=11434, ge=1, le=65535)
+    ollama_port: int = Field(default=DEFAULT_PORT, ge=1, le=65535)
     ollama_use_tls: bool = False
     ollama_cert_path: str | None = None
     ollama_verify_ssl: bool = True
     ollama_model: str = "llama3.2"
     ollama_timeout: float = Field(default=30.0, gt=0, le=600)
     ollama_keep_alive: str = "30m"
+    # Sent as Ollama's `think`: a thinking model left to its default spends the
+    # whole token budget on reasoning and answers nothing.
+    ollama_think: ThinkValue = False
 
     waddleai_base_url: str = "http://waddleai-proxy:8000"
     waddleai_api_key: str | None = None
@@ -157,6 +168,23 @@ class Settings(BaseSettings):
             raise ValueError("delays must be distinct: each one is its own delay queue")
         return value
 
+    @field_validator("ollama_host")
+    @classmethod
+    def _ollama_host_readable(cls, value: str) -> str:
+        parse_ollama_host(value)  # ValueError names what is wrong; the loc names the variable
+        return value
+
+    @field_validator("ollama_keep_alive")
+    @classmethod
+    def _ollama_keep_alive_readable(cls, value: str) -> str:
+        parse_keep_alive(value)
+        return value
+
+    @field_validator("ollama_think", mode="before")
+    @classmethod
+    def _ollama_think_readable(cls, value: Any) -> ThinkValue:
+        return parse_think(value)
+
     @field_validator("known_bots")
     @classmethod
     def _lower_bots(cls, value: list[str]) -> list[str]:
@@ -187,14 +215,39 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _ollama_address_agrees(self) -> Settings:
+        """OLLAMA_PORT and OLLAMA_USE_TLS fill in what OLLAMA_HOST leaves open, never override it.
+
+        Set explicitly and contradicting the host (another port, another
+        scheme), one of them is a mistake: which one is for the operator to say.
+        """
+        address = parse_ollama_host(self.ollama_host)
+        explicit = self.model_fields_set
+        if (address.port is not None and "ollama_port" in explicit
+                and address.port != self.ollama_port):
+            raise ValueError(
+                f"OLLAMA_HOST names port {address.port} but OLLAMA_PORT is {self.ollama_port}: "
+                "set the port in one of them only (or the same port in both)")
+        if address.scheme is not None and "ollama_use_tls" in explicit and (
+                (address.scheme == "https") != self.ollama_use_tls):
+            raise ValueError(
+                f"OLLAMA_HOST says {address.scheme}:// but OLLAMA_USE_TLS is "
+                f"{str(self.ollama_use_tls).lower()}: set the scheme in one of them only")
+        return self
+
     @property
     def ollama_base_url(self) -> str:
-        """`OLLAMA_HOST` may be a bare host or a full URL (as Ollama's own CLI accepts)."""
-        host = self.ollama_host.strip().rstrip("/")
-        if "://" in host:
-            return host
-        scheme = "https" if self.ollama_use_tls else "http"
-        return f"{scheme}://{host}:{self.ollama_port}"
+        """The base URL from `OLLAMA_HOST` in any form Ollama accepts (`config.ollama_env`)."""
+        address = parse_ollama_host(self.ollama_host)
+        port_set = "ollama_port" in self.model_fields_set or self.ollama_port != DEFAULT_PORT
+        return address.url(port=self.ollama_port if port_set else None,
+                           use_tls=self.ollama_use_tls)
+
+    @property
+    def ollama_keep_alive_value(self) -> str | int:
+        """`keep_alive` as Ollama's API takes it: seconds as a JSON number, else a duration."""
+        return parse_keep_alive(self.ollama_keep_alive)
 
     @property
     def redis_key_prefix(self) -> str:
@@ -213,7 +266,12 @@ def load_settings(**overrides: Any) -> Settings:
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
-            name = "_".join(str(part) for part in error["loc"]).upper() or "settings"
+            if not error["loc"]:
+                # A rule across several variables: its input is every setting,
+                # API keys included, so only the message (which names them) is shown.
+                problems.append(str(error["msg"]).removeprefix("Value error, "))
+                continue
+            name = "_".join(str(part) for part in error["loc"]).upper()
             shown = "***" if _is_secret(name) else repr(error.get("input"))
             problems.append(f"{name}: {error['msg']} (got {shown})")
         raise SettingsError("invalid settings:\n  " + "\n  ".join(problems)) from None

@@ -278,12 +278,15 @@ class InteractionPipeline:
             completion.text, event.platform, prefix=profile.response_prefix,
             max_chars=profile.max_reply_chars, allow_links=profile.allow_links,
             blocked_words=profile.blocked_words, prompt=messages[0].content,
+            truncated=completion.truncated,
         )
         if not text:
+            cut = (", cut by the token limit before a sentence ended"
+                   if completion.truncated else "")
             return Failed(Failure(
                 ErrorType.EMPTY_OUTPUT,
                 f"{completion.provider} ({completion.model}) answered nothing usable "
-                f"({len(completion.text)} characters before the safety filter)",
+                f"({len(completion.text)} characters before the safety filter{cut})",
             ), retryable=False)
 
         reply = Reply(

@@ -47,6 +47,17 @@ class Completion:
     usage: TokenUsage = field(default_factory=TokenUsage)
     finish_reason: str | None = None
 
+    @property
+    def truncated(self) -> bool:
+        """Cut by the token limit: Ollama's `done_reason`, OpenAI's and llama.cpp's
+        `finish_reason` all say `length`. The text may end mid-sentence, even mid-word.
+        """
+        return self.finish_reason in TRUNCATED_REASONS
+
+
+# Finish reasons that mean "stopped by the token limit", not "done".
+TRUNCATED_REASONS = frozenset({"length", "max_tokens"})
+
 
 @dataclass(frozen=True, slots=True)
 class CompletionChunk:

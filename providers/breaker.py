@@ -9,6 +9,8 @@ opens it for another `open_s`.
 
 Only retryable failures count. A `ProviderBadRequest` is an answer from a
 healthy backend about a bad request; it neither trips nor resets the count.
+A failure with `opens_circuit` (the backend refused our credentials) opens
+the circuit at once: every request would be refused the same way.
 
 All of it is synchronous code run on one event loop: no method awaits, so no
 two callers interleave inside one and no lock is needed. The asynchronous
@@ -140,6 +142,9 @@ class CircuitBreaker:
         self._failures = 0
         self._opened_at = 0.0
         self._probe_in_flight = False
+        # The failure that opened the circuit, while it is not closed: it says
+        # why a skipped provider is skipped (an auth failure is the operator's).
+        self.opened_by: ProviderError | None = None
         # The series exists from the start, so a dashboard shows "closed", not "no data".
         self._publish()
 
@@ -188,7 +193,7 @@ class CircuitBreaker:
             # this proved nothing either way, so the next request probes again.
             self._on_release(ticket)
             return
-        if self._state is CircuitState.HALF_OPEN:
+        if self._state is CircuitState.HALF_OPEN or error.opens_circuit:
             self._transition(CircuitState.OPEN, error)
             return
         self._failures += 1
@@ -215,6 +220,8 @@ class CircuitBreaker:
         self._failures = 0
         if state is CircuitState.OPEN:
             self._opened_at = self._clock()
+        if state is CircuitState.OPEN or state is CircuitState.CLOSED:
+            self.opened_by = error
         self._publish()
         extra: dict[str, object] = {
             "action": "circuit", "provider": self.provider, "state": state.label,

@@ -37,12 +37,14 @@ from config.settings import ProviderName
 from providers.base import ChatMessage, ChatRequest, CompletionChunk, Provider, TokenUsage
 from providers.breaker import CircuitOpen, Ticket
 from providers.errors import (
+    ProviderAuthFailed,
     ProviderBadOutput,
     ProviderBadRequest,
     ProviderError,
     ProviderRateLimited,
     ProviderTimeout,
     ProviderUnavailable,
+    log_provider_failure,
 )
 from providers.router import ProviderRouter
 from worker.metrics import PROVIDER_BUCKETS, Metrics
@@ -127,6 +129,13 @@ def provider_error(exc: ProviderError, secrets: Sequence[str] = ()) -> Completio
     leave hosts and bodies to the log.
     """
     detail = scrub(str(exc), secrets)
+    if isinstance(exc, ProviderAuthFailed):
+        # Not the client's fault (not a 400) and not an outage that passes by
+        # itself (not a 503): the worker's key for that provider is wrong.
+        return CompletionError(
+            502, f"the AI provider {exc.provider!r} refused the worker's credentials "
+            f"(HTTP {exc.status}); the operator must fix its API key",
+            type="upstream_auth_failed", code="upstream_auth_failed")
     if isinstance(exc, ProviderBadRequest):
         return CompletionError(400, f"the AI provider refused the request: {detail}",
                                type="invalid_request_error", code="provider_bad_request")
@@ -320,6 +329,8 @@ class _Listing:
     models: list[str]
     created: int  # unix time of the listing, shown as each model's `created`
     expires_at: float  # on the service's monotonic clock
+    # Why the listing is empty: a provider that could not be asked.
+    error: ProviderError | TimeoutError | None = None
 
 
 @dataclass(slots=True)
@@ -461,7 +472,8 @@ class CompletionService:
         """The OpenAI model list of every provider that answers, each model once."""
         data: list[dict[str, Any]] = []
         seen: set[str] = set()
-        for name, listing in await self._catalogue():
+        catalogue = await self._catalogue()
+        for name, listing in catalogue:
             owner = self._router.get(name).name
             for model in listing.models:
                 if model in seen:
@@ -469,6 +481,12 @@ class CompletionService:
                 seen.add(model)
                 data.append({"id": model, "object": "model", "created": listing.created,
                              "owned_by": owner})
+        if not data:
+            # An empty list would read as "no models here"; the truth is that
+            # no provider could be asked, and the client should hear why.
+            errors = [listing.error for _, listing in catalogue if listing.error is not None]
+            if errors:
+                raise self._listing_failed(errors)
         return {"object": "list", "data": data}
 
     async def resolve(self, model: str | None) -> tuple[list[ProviderName], str | None]:
@@ -540,9 +558,8 @@ class CompletionService:
                 last_error = exc
                 if not exc.retryable:
                     break
-                log.warning("provider failed before streaming; trying the next", extra={
-                    "action": "provider_call", "provider": provider.name,
-                    "error_type": exc.error_type, "error": scrub(str(exc), self._secrets)})
+                log_provider_failure(log, "provider failed before streaming; trying the next",
+                                     exc, self._secrets)
                 continue
             except BaseException:
                 ticket.release()
@@ -565,7 +582,33 @@ class CompletionService:
             primary = self._router.get(self._default_chain[0]).name
             self._metrics.fallbacks.labels(primary, opened.provider.name).inc()
 
+    def _listing_failed(self, errors: Sequence[ProviderError | TimeoutError]) -> CompletionError:
+        for error in errors:
+            if isinstance(error, ProviderAuthFailed):
+                return provider_error(error, self._secrets)
+        first = errors[0]
+        if isinstance(first, ProviderError):
+            return provider_error(first, self._secrets)
+        return CompletionError(504, "listing the providers' models timed out",
+                               type="server_error", code="provider_timeout")
+
+    def _cause(self, exc: ProviderError) -> ProviderError:
+        """An open circuit stands for the failure that opened it, when that is our key.
+
+        While a provider whose credentials were refused is skipped, its
+        clients keep hearing `upstream_auth_failed`, not a vague outage.
+        """
+        if not isinstance(exc, CircuitOpen):
+            return exc
+        for name, provider in self._router.providers.items():
+            if provider.name == exc.provider:
+                opened_by = self._router.breaker(name).opened_by
+                if isinstance(opened_by, ProviderAuthFailed):
+                    return opened_by
+        return exc
+
     def _failed(self, exc: ProviderError, request: CompletionRequest) -> CompletionError:
+        exc = self._cause(exc)
         error = provider_error(exc, self._secrets)
         log.warning("completion failed", extra={
             "action": "completion", "provider": exc.provider, "error_type": exc.error_type,
@@ -591,11 +634,15 @@ class CompletionService:
             async with asyncio.timeout(LIST_MODELS_TIMEOUT_S):
                 models = await provider.list_models()
         except (ProviderError, TimeoutError) as exc:
-            log.warning("could not list a provider's models; skipped for now", extra={
-                "action": "list_models", "provider": provider.name,
-                "error": scrub(str(exc) or type(exc).__name__, self._secrets)})
+            if isinstance(exc, ProviderError):
+                log_provider_failure(log, "could not list a provider's models; skipped for now",
+                                     exc, self._secrets, action="list_models")
+            else:
+                log.warning("could not list a provider's models; skipped for now", extra={
+                    "action": "list_models", "provider": provider.name,
+                    "error": "timed out"})
             retry_in = min(self._models_ttl_s, FAILED_LISTING_RETRY_S)
-            return _Listing([], int(time.time()), self._clock() + retry_in)
+            return _Listing([], int(time.time()), self._clock() + retry_in, exc)
         return _Listing(list(models), int(time.time()), self._clock() + self._models_ttl_s)
 
 

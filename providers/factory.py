@@ -72,7 +72,7 @@ def build_endpoint_provider(
                 return OllamaProvider.from_settings(settings)
             return OllamaProvider(
                 base_url=base_url, model=settings.ollama_model, timeout_s=settings.ollama_timeout,
-                keep_alive=settings.ollama_keep_alive,
+                keep_alive=settings.ollama_keep_alive_value, think=settings.ollama_think,
             )
         case ProviderName.WADDLEAI:
             return OpenAICompatProvider(

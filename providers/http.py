@@ -30,6 +30,7 @@ import orjson
 from yarl import URL
 
 from providers.errors import (
+    ProviderAuthFailed,
     ProviderBadOutput,
     ProviderBadRequest,
     ProviderError,
@@ -338,6 +339,9 @@ def error_for_status(
         return ProviderRateLimited(provider, f"rate limited (HTTP 429): {detail}", retry_after_s)
     if status >= 500:
         return ProviderUnavailable(provider, f"HTTP {status}: {detail}")
+    if status in (401, 403):
+        # Our key, not the caller's request: see ProviderAuthFailed.
+        return ProviderAuthFailed(provider, status, detail)
     if 400 <= status < 500:
         return ProviderBadRequest(provider, f"HTTP {status}: {detail}")
     # 1xx/3xx (redirects are not followed): a proxy or a wrong URL in between.

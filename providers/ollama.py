@@ -4,6 +4,11 @@ The native API is the one that honours `keep_alive` (so the model stays in
 memory between chat bursts) and reports token counts on every answer. Its
 sampling settings live in `options`: a top-level `temperature` is silently
 ignored by Ollama, which is why the body is built in one place.
+
+`think` is always sent: Ollama turns thinking on by default for a model that
+can think, and such a model then spends the whole `num_predict` on reasoning
+and answers nothing. `keep_alive` goes as a JSON number when it is a number
+of seconds: Ollama reads a string only as a duration with a unit.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from providers.http import (
 )
 
 if TYPE_CHECKING:
+    from config.ollama_env import ThinkValue
     from config.settings import Settings
 
 
@@ -42,11 +48,13 @@ class OllamaProvider:
         base_url: str,
         model: str,
         timeout_s: float = 30.0,
-        keep_alive: str = "30m",
+        keep_alive: str | int = "30m",
+        think: ThinkValue = False,
         verify: bool | str = True,
     ) -> None:
         self._model = model
         self._keep_alive = keep_alive
+        self._think = think
         self._client = HttpClient(base_url, timeout_s, verify=verify)
 
     @classmethod
@@ -56,7 +64,8 @@ class OllamaProvider:
             base_url=settings.ollama_base_url,
             model=settings.ollama_model,
             timeout_s=settings.ollama_timeout,
-            keep_alive=settings.ollama_keep_alive,
+            keep_alive=settings.ollama_keep_alive_value,
+            think=settings.ollama_think,
             verify=verify,
         )
 
@@ -75,6 +84,7 @@ class OllamaProvider:
             "stream": stream,
             "options": {"temperature": request.temperature, "num_predict": request.max_tokens},
             "keep_alive": self._keep_alive,
+            "think": self._think,
         }
 
     async def complete(self, request: ChatRequest) -> Completion:

@@ -29,7 +29,7 @@ from providers.breaker import (
     CircuitOpen,
     Clock,
 )
-from providers.errors import ProviderError
+from providers.errors import ProviderError, log_provider_failure
 from providers.factory import Endpoint
 from worker.metrics import Metrics
 
@@ -154,9 +154,7 @@ class ProviderRouter:
                 last_error = exc
                 if not exc.retryable:
                     raise
-                log.warning("provider failed", extra={
-                    "action": "provider_call", "provider": provider.name,
-                    "error_type": exc.error_type, "error": str(exc)})
+                log_provider_failure(log, "provider failed", exc)
                 continue
             self._metrics.provider_latency.labels(provider.name).observe(
                 time.perf_counter() - started)

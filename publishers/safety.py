@@ -27,6 +27,9 @@ Decisions on the cases the brief leaves open:
   Slack's `<https://x|label>` goes whole, label included.
 * When the prefix leaves no room at all under the limit, the prefix is
   dropped rather than the reply.
+* A reply the model stopped because it ran out of tokens (finish reason
+  `length`, whichever provider) ends where the budget did, often mid-word.
+  It keeps its whole sentences only; with none, nothing is posted.
 * Small models parrot: they repeat a sentence until the length cap, or recite
   their own instructions ("The from attribute is only the viewer's display
   name."). A sentence already said in the reply goes, and so does one that
@@ -78,6 +81,8 @@ _INVISIBLE_RE = re.compile(
 )
 _WHITESPACE_RE = re.compile(r"\s+")
 _SENTENCE_END_RE = re.compile(r"(?<=[.!?…])\s+")
+# The end of a sentence: its mark, then any closing quotes or brackets.
+_FINISHED_SENTENCE_RE = re.compile(r"[.!?…]+[\"'”’»)\]]*(?=\s|$)")
 _WORD_RE = re.compile(r"[\w']+")
 PROMPT_ECHO_WORDS = 7
 
@@ -118,6 +123,17 @@ def strip_reasoning(text: str) -> str:
     if opener is not None:
         text = text[: opener.start()]
     return text
+
+
+def drop_unfinished_sentence(text: str) -> str:
+    """A reply cut by the token limit keeps its whole sentences; "" when it has none.
+
+    Chat must never show a reply that stops mid-word ("Welcome to the str").
+    """
+    end = -1
+    for match in _FINISHED_SENTENCE_RE.finditer(text):
+        end = match.end()
+    return text[:end] if end > 0 else ""
 
 
 def strip_prompt_wrapper(text: str) -> str:
@@ -245,15 +261,20 @@ def make_safe(
     allow_links: bool = True,
     blocked_words: Sequence[str] = (),
     prompt: str = "",
+    truncated: bool = False,
 ) -> str:
     """The one door between a model and a chat: "" means there is nothing fit to post.
 
     `prompt` is the system message the model was given: sentences reciting it are dropped.
+    `truncated`: the model was stopped by its token limit (`Completion.truncated`),
+    so its last sentence is unfinished and goes.
     """
     limit = reply_limit(platform, max_chars)
     text = strip_reasoning(text)
     text = strip_prompt_wrapper(text)
     text = collapse_whitespace(text)
+    if truncated:
+        text = drop_unfinished_sentence(text)
     text = drop_parroting(text, prompt)
     if not allow_links:
         text = remove_links(text)
@@ -301,6 +322,7 @@ __all__ = [
     "ZWSP",
     "collapse_whitespace",
     "contains_blocked_word",
+    "drop_unfinished_sentence",
     "make_safe",
     "mask_blocked_words",
     "neutralise_mentions",

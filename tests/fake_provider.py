@@ -70,6 +70,9 @@ class Behaviour:
     truncate_stream: bool = False
     # Reasoning text: Ollama `message.thinking`, OpenAI `reasoning_content`.
     thinking: str | None = None
+    # Ollama only: a thinking model as Ollama runs one. Unless the request says
+    # `think: false`, it reasons until `num_predict` is spent and answers nothing.
+    thinking_model: bool = False
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,7 @@ class FakeProvider:
     midstream_error: _DefaultField[bool] = _DefaultField()
     truncate_stream: _DefaultField[bool] = _DefaultField()
     thinking: _DefaultField[str | None] = _DefaultField()
+    thinking_model: _DefaultField[bool] = _DefaultField()
 
     def __init__(
         self,
@@ -249,9 +253,17 @@ class FakeProvider:
         model = str(body.get("model", ""))
         if behaviour.status is not None:
             return self._error("ollama", behaviour, model)
+        refused = _ollama_refusal(body)
+        if refused is not None:
+            return _json({"error": refused}, status=400)
         options = body.get("options")
         options = options if isinstance(options, dict) else {}
+        spent_thinking = behaviour.thinking_model and body.get("think") is not False
+        if spent_thinking:
+            behaviour = _spends_budget_thinking(behaviour, options.get("num_predict"))
         answer = _Answer.make(behaviour, body.get("messages"), options.get("num_predict"))
+        if spent_thinking:
+            answer.finish_reason = "length"
         if not body.get("stream", True):  # Ollama streams unless told otherwise
             if behaviour.garbage:
                 return _garbage()
@@ -422,6 +434,31 @@ class _Answer:
             "completion_tokens": completion,
             "total_tokens": self.prompt_tokens + completion,
         }
+
+
+_GO_DURATION = re.compile(r"[-+]?(?:(?:\d+(?:\.\d*)?|\.\d+)(?:ns|us|µs|μs|ms|s|m|h))+|[-+]?0")
+
+
+def _ollama_refusal(body: dict[str, Any]) -> str | None:
+    """Ollama's own 400s for the fields it parses strictly (api.Duration, api.ThinkValue)."""
+    keep_alive = body.get("keep_alive")
+    if isinstance(keep_alive, str) and not _GO_DURATION.fullmatch(keep_alive):
+        if re.fullmatch(r"[-+]?\d+(?:\.\d+)?", keep_alive):
+            return f'time: missing unit in duration "{keep_alive}"'
+        return f'time: invalid duration "{keep_alive}"'
+    think = body.get("think")
+    if think is not None and not isinstance(think, bool) and think not in (
+            "low", "medium", "high"):
+        return f"invalid think value: {think!r}"
+    return None
+
+
+def _spends_budget_thinking(behaviour: Behaviour, num_predict: Any) -> Behaviour:
+    """What a thinking model does with think left on: reasoning until the budget is gone."""
+    budget = num_predict if isinstance(num_predict, int) and num_predict > 0 else 64
+    return Behaviour(
+        reply_text="", thinking=" ".join(["Hmm, let me think."] * budget),
+        latency_s=0.0, chunk_delay_s=behaviour.chunk_delay_s)
 
 
 def _pieces(text: str) -> list[str]:

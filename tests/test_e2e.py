@@ -286,8 +286,10 @@ async def test_provider_timeouts_are_retried(
 async def test_reply_text_is_made_safe_for_the_platform(
     ollama_settings: Settings, router_client: RouterClient, fake: FakeProvider
 ) -> None:
+    # Over YouTube's 200 characters but within the token budget (a finished
+    # answer, trimmed with "…"; one cut by the budget keeps whole sentences only).
     fake.reply_text = (
-        "<think>they want a ban</think> /ban   @everyone  look\n\nhere " + "word " * 200
+        "<think>they want a ban</think> /ban   @everyone  look\n\nhere " + "wordsmithing " * 40
     )
     async with running_worker(ollama_settings):
         await router_client.publish(make_event("hello?", platform="youtube"))

@@ -75,6 +75,7 @@ async def test_request_body_puts_sampling_in_options(
         "stream": False,
         "options": {"temperature": 0.3, "num_predict": 64},
         "keep_alive": "15m",
+        "think": False,
     }
     assert "temperature" not in sent.json
     assert "num_predict" not in sent.json

@@ -10,6 +10,7 @@ import pytest
 from config.settings import ProviderName, Settings
 from providers.base import ChatMessage, ChatRequest, CompletionChunk, Provider, collect
 from providers.errors import (
+    ProviderAuthFailed,
     ProviderBadOutput,
     ProviderBadRequest,
     ProviderRateLimited,
@@ -204,10 +205,26 @@ async def test_api_key_never_in_error_message(
 ) -> None:
     fake.status = 401
     fake.error_message = f"Incorrect API key provided: {API_KEY}"
-    with pytest.raises(ProviderBadRequest) as caught:
+    with pytest.raises(ProviderAuthFailed) as caught:
         await provider.complete(REQUEST)
     assert API_KEY not in str(caught.value)
     assert "***" in str(caught.value)
+
+
+@pytest.mark.parametrize("status", [401, 403])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_refused_credentials_are_the_operators_problem(
+    fake: FakeProvider, provider: OpenAICompatProvider, status: int, stream: bool
+) -> None:
+    """A wrong key is not the caller's bad request: retryable, and it opens the circuit."""
+    fake.status = status
+    with pytest.raises(ProviderAuthFailed) as caught:
+        await (collect(provider, REQUEST) if stream else provider.complete(REQUEST))
+    assert not isinstance(caught.value, ProviderBadRequest)
+    assert caught.value.retryable
+    assert caught.value.opens_circuit
+    assert caught.value.error_type == "upstream_auth_failed"
+    assert caught.value.status == status
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -282,7 +299,7 @@ async def test_list_models(fake: FakeProvider, provider: OpenAICompatProvider) -
 async def test_health(fake: FakeProvider, provider: OpenAICompatProvider) -> None:
     await provider.check_health()
     fake.status = 401
-    with pytest.raises(ProviderBadRequest):
+    with pytest.raises(ProviderAuthFailed):
         await provider.check_health()
     fake.status = None
     fake.garbage = True

@@ -45,7 +45,9 @@ from context.rate_limits import (
 from context.redis_store import RedisStateStore
 from context.store import StateStore
 from providers.base import Provider
+from providers.breaker import CircuitBreaker, CircuitState
 from providers.completions import CompletionService
+from providers.errors import ProviderAuthFailed, ProviderError
 from providers.factory import build_endpoint_provider, build_provider
 from providers.local import LocalModel
 from providers.router import ProviderRouter
@@ -427,11 +429,10 @@ class App:
             # replies go on from memory, and the JSON says so.
             state["degraded"] = True
         providers = {
-            name.value: {
-                **await self._cached(f"provider:{name.value}",
-                                     lambda p=provider: _check_provider(p)),
-                "circuit": self.router.breaker_state(name),
-            }
+            name.value: _provider_health(
+                await self._cached(f"provider:{name.value}",
+                                   lambda p=provider: _check_provider(p)),
+                self.router.breaker(name))
             for name, provider in self.router.providers.items()
         }
         return attached and broker_open, {
@@ -466,6 +467,23 @@ class App:
 async def _check_provider(provider: Provider) -> dict[str, Any]:
     try:
         await asyncio.wait_for(provider.check_health(), CHECK_TIMEOUT_S)
+    except ProviderError as exc:
+        return {"ok": False, "error": str(exc), "error_type": exc.error_type}
     except Exception as exc:
         return {"ok": False, "error": str(exc) or repr(exc)}
     return {"ok": True, "model": provider.default_model}
+
+
+def _provider_health(checked: dict[str, Any], breaker: CircuitBreaker) -> dict[str, Any]:
+    """A provider's entry in /readyz: the (cached) health check, and its circuit.
+
+    A circuit opened because the provider refused our credentials makes the
+    provider unhealthy at once, whatever the last cached check said: the
+    operator must see it, and its cause. The replica stays ready: fallbacks
+    and the other providers still answer.
+    """
+    health = {**checked, "circuit": breaker.state.label}
+    cause = breaker.opened_by
+    if isinstance(cause, ProviderAuthFailed) and breaker.state is not CircuitState.CLOSED:
+        health.update(ok=False, error=str(cause), error_type=cause.error_type)
+    return health

@@ -31,6 +31,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from aiormq.exceptions import ChannelInvalidStateError
 
 from consumers.pipeline import (
+    CIRCUIT_OPEN,
     Deferred,
     Delivery,
     Failed,
@@ -78,6 +79,18 @@ def defer_delay(delays_ms: Sequence[int], after_ms: int | None) -> int:
         return min(delays_ms)
     fitting = [d for d in delays_ms if d <= after_ms]
     return max(fitting) if fitting else min(delays_ms)
+
+
+def nearest_delay(delays_ms: Sequence[int], after_ms: int | None) -> int:
+    """The delay step nearest `after_ms` (the longer on a tie).
+
+    For an event waiting on an open circuit: it should come back just as the
+    next health probe may have closed it. Much sooner, it is only refused
+    again; much later, it stays silent after the provider is back.
+    """
+    if after_ms is None:
+        return min(delays_ms)
+    return min(delays_ms, key=lambda delay: (abs(delay - after_ms), -delay))
 
 
 class InteractionConsumer:
@@ -222,9 +235,14 @@ class InteractionConsumer:
                 outcome = Failed(
                     Failure(ErrorType.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}"),
                     retryable=True)
-            log.info("event handled", extra={
+            extra: dict[str, Any] = {
                 "action": "handle", "result": _describe(outcome),
-                "execution_time": round((time.perf_counter() - started) * 1000, 1)})
+                "execution_time": round((time.perf_counter() - started) * 1000, 1)}
+            if isinstance(outcome, Failed):
+                extra["error"] = outcome.failure.error
+            elif isinstance(outcome, Deferred) and outcome.detail:
+                extra["error"] = outcome.detail
+            log.info("event handled", extra=extra)
             return await self._settle(message, delivery, outcome)
 
     async def _settle(
@@ -240,8 +258,13 @@ class InteractionConsumer:
             return "skipped"
         carried = {headers.FIRST_RECEIVED_AT: delivery.first_received_at.isoformat()}
         if isinstance(outcome, Deferred):
-            failure = Failure(outcome.reason, "another copy of this event is being answered")
-            delay = defer_delay(self._delays, outcome.after_ms)
+            if outcome.reason == CIRCUIT_OPEN:
+                failure = Failure(outcome.reason, outcome.detail or "every circuit is open")
+                delay = nearest_delay(self._delays, outcome.after_ms)
+            else:
+                failure = Failure(outcome.reason, outcome.detail
+                                  or "another copy of this event is being answered")
+                delay = defer_delay(self._delays, outcome.after_ms)
             return await self._retry(message, failure, delay, carried, count=False)
         if not outcome.retryable:
             return await self._dead_letter(message, outcome.failure, carried)

@@ -271,7 +271,7 @@ async def test_connection_refused_is_unavailable() -> None:
     await closed.stop()
     ollama = OllamaProvider(base_url=url, model="llama3.2", timeout_s=1.0)
     try:
-        with pytest.raises(ProviderUnavailable, match="Cannot connect"):
+        with pytest.raises(ProviderUnavailable, match=f"connection refused to {url}"):
             await ollama.complete(REQUEST)
         with pytest.raises(ProviderUnavailable):
             await chunks(ollama)

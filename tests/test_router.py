@@ -491,20 +491,26 @@ async def test_a_failed_fallback_after_an_open_primary_raises_its_own_error(
     assert primary.calls == 3
 
 
-async def test_an_open_fallback_after_a_failed_primary_announces_no_wait(
+async def test_a_failed_primary_before_an_open_fallback_raises_the_primarys_error(
     router: ProviderRouter, primary: FakeProvider, backup: FakeProvider
 ) -> None:
+    """The event failed for real (the primary was asked): that error is what it reports.
+
+    It used to raise the fallback's "circuit open", which hid what went wrong and
+    said nothing about the provider that was asked (issue 11: failure reasons).
+    """
     backup.status = 503
     for _ in range(3):  # a community whose only provider is the proxy opens its circuit
         with pytest.raises(ProviderUnavailable):
             await router.complete((WADDLEAI,), REQUEST)
     assert router.breaker_state(WADDLEAI) == "open"
 
-    primary.status = 503  # asked, failed; then the open fallback is the last error
-    with pytest.raises(CircuitOpen) as raised:
+    primary.status = 503  # asked, failed; the open fallback refused without a request
+    with pytest.raises(ProviderUnavailable) as raised:
         await router.complete(CHAIN, REQUEST)
-    assert raised.value.provider == "waddleai"
-    assert raised.value.retry_after_s is None  # the primary may answer the next try
+    assert not isinstance(raised.value, CircuitOpen)  # a real failure: it spends a retry
+    assert raised.value.provider == "ollama"
+    assert "HTTP 503" in str(raised.value)
     assert backup.calls == 3
 
 

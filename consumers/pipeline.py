@@ -18,6 +18,7 @@ from typing import Protocol
 from config.community import CommunityConfigSource, CommunityProfile
 from consumers.proactive import ProactiveDecider, proactive_limit_check
 from consumers.triggers import detect_trigger
+from context.lease import LeaseKeeper
 from context.prompts import build_messages
 from context.rate_limits import (
     LimitCheck,
@@ -212,8 +213,12 @@ class InteractionPipeline:
             return Skipped(limited)
 
         try:
-            outcome = await self._answer(event, delivery, profile, trigger, admission.history,
-                                         started)
+            # Renewed while the attempt runs: a slow generation keeps its
+            # lease, so no copy of the event is generated a second time.
+            async with LeaseKeeper(self._store, event.event_id, delivery.attempt_id,
+                                   self._options.lease_ms, metrics=self._metrics):
+                outcome = await self._answer(event, delivery, profile, trigger,
+                                             admission.history, started)
         except BaseException:
             await self._release(event, delivery)
             raise

@@ -128,7 +128,10 @@ class FakeProvider:
         self.default = default or Behaviour()
         self.script: list[Behaviour] = []
         self.models = list(models)
+        # Chat requests; health checks (GET /api/tags, /v1/models) are kept apart,
+        # so a worker's own probes never shift what a test reads in `requests`.
         self.requests: list[RecordedRequest] = []
+        self.health_requests: list[RecordedRequest] = []
         # Chat requests (what costs a generation); health checks are counted apart.
         self.calls = 0
         self.health_calls = 0
@@ -236,9 +239,12 @@ class FakeProvider:
         else:
             self.health_calls += 1
         if self.record:
-            self.requests.append(
-                RecordedRequest(request.method, request.path, CIMultiDict(request.headers), body)
-            )
+            recorded = RecordedRequest(
+                request.method, request.path, CIMultiDict(request.headers), body)
+            if request.method == "POST":
+                self.requests.append(recorded)
+            else:
+                self.health_requests.append(recorded)
         # The script is for chat requests: a health check (a worker's start-up
         # probe, a circuit's probe) answers as the default does, and leaves it.
         scripted = self.script and request.method == "POST"

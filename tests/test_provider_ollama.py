@@ -294,8 +294,8 @@ async def test_script_fails_then_recovers(fake: FakeProvider, provider: OllamaPr
 
 async def test_list_models(fake: FakeProvider, provider: OllamaProvider) -> None:
     assert await provider.list_models() == ["llama3.2:latest", "qwen3:0.6b"]
-    assert fake.last.path == "/api/tags"
-    assert fake.last.method == "GET"
+    assert fake.health_requests[-1].path == "/api/tags"
+    assert fake.health_requests[-1].method == "GET"
 
 
 async def test_health(fake: FakeProvider, provider: OllamaProvider) -> None:

@@ -276,8 +276,9 @@ async def test_script_fails_twice_then_succeeds(
 
 async def test_list_models(fake: FakeProvider, provider: OpenAICompatProvider) -> None:
     assert await provider.list_models() == ["llama3.2:latest", "qwen3:0.6b"]
-    assert (fake.last.method, fake.last.path) == ("GET", "/v1/models")
-    assert fake.last.headers["Authorization"] == f"Bearer {API_KEY}"
+    last = fake.health_requests[-1]
+    assert (last.method, last.path) == ("GET", "/v1/models")
+    assert last.headers["Authorization"] == f"Bearer {API_KEY}"
 
 
 async def test_health(fake: FakeProvider, provider: OpenAICompatProvider) -> None:

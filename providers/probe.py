@@ -98,8 +98,16 @@ class CircuitProber:
     def start(self) -> None:
         if self.running:
             return
+        # Scheduled now, not when the task first runs: an event refused in the
+        # same moment must already know the circuit may close in seconds.
+        first_wait = self._schedule_next()
         self._task = asyncio.get_running_loop().create_task(
-            self._run(), name=f"circuit-probe-{self._provider.name}")
+            self._run(first_wait), name=f"circuit-probe-{self._provider.name}")
+
+    def _schedule_next(self) -> float:
+        wait = self._interval_s * self._rng.uniform(*JITTER)
+        self._breaker.schedule_probe(self._clock() + wait)
+        return wait
 
     def cancel(self) -> None:
         if self._task is not None:
@@ -113,11 +121,9 @@ class CircuitProber:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    async def _run(self) -> None:
+    async def _run(self, wait: float) -> None:
         try:
             while not self._breaker.closed:
-                wait = self._interval_s * self._rng.uniform(*JITTER)
-                self._breaker.schedule_probe(self._clock() + wait)
                 await asyncio.sleep(wait)
                 if self._breaker.closed:
                     break  # a real request closed it meanwhile
@@ -133,6 +139,7 @@ class CircuitProber:
                         "result": "failed", "error_type": error.error_type,
                         "error": str(error)})
                 self._breaker.record_probe(error)
+                wait = self._schedule_next()
         finally:
             self._breaker.schedule_probe(None)
 

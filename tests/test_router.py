@@ -618,7 +618,8 @@ async def test_the_router_probes_an_open_primary_and_closes_it_when_it_is_back(
         with pytest.raises(CircuitOpen) as refused:  # nothing asked: the event waits
             await router.complete((OLLAMA,), REQUEST)
         assert f"connection refused to {primary.url}" in str(refused.value)
-        assert refused.value.retry_after_s is not None and refused.value.retry_after_s < 0.1
+        assert refused.value.retry_after_s is not None
+        assert refused.value.retry_after_s < 0.1
         await asyncio.sleep(0.3)
         assert router.breaker_state(OLLAMA) == "open"  # probes fail while it is down
 

@@ -7,6 +7,8 @@ Settling is the consumer's whole job beyond calling the pipeline:
 | reply published (confirmed)  | ack                                              |
 | no reply needed              | ack (counted by reason)                          |
 | retryable failure            | confirmed copy to the next delay queue, then ack |
+| deferred (copy in flight     | confirmed copy to a delay queue, retry count     |
+|   elsewhere, circuits open)  |   unchanged (not a failure), then ack            |
 | out of retries / permanent   | confirmed dead letter, then ack                  |
 | copy or dead letter refused  | nack with requeue (the delivery limit bounds it) |
 

@@ -56,7 +56,9 @@ def local_model() -> Iterator[LocalModel]:
 
 @pytest.fixture
 def provider(local_model: LocalModel) -> LocalProvider:
-    return LocalProvider(local_model, timeout_s=30.0)
+    # LOCAL_TIMEOUT bounds a whole generation (it used to bound each wait for a
+    # token): on a loaded 2-core machine 60 tokens can take half a minute.
+    return LocalProvider(local_model, timeout_s=120.0)
 
 
 async def chunks(provider: LocalProvider, request: ChatRequest = REQUEST) -> list[CompletionChunk]:

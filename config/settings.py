@@ -133,6 +133,9 @@ class Settings(BaseSettings):
     # Circuit breaker per provider: this many consecutive failures skip it for CIRCUIT_OPEN_S.
     circuit_failure_threshold: int = Field(default=5, ge=1, le=1000)
     circuit_open_s: float = Field(default=60.0, gt=0, le=3600)
+    # While a circuit is open, its provider's health endpoint is asked this often
+    # (jittered) and the circuit closes at the first answer; 0: no probes.
+    circuit_probe_s: float = Field(default=2.0, ge=0, le=3600)
     max_event_age_s: float = Field(default=120.0, gt=0)
     shutdown_grace_s: float = Field(default=25.0, ge=0, le=3600)
 

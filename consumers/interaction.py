@@ -7,6 +7,8 @@ Settling is the consumer's whole job beyond calling the pipeline:
 | reply published (confirmed)  | ack                                              |
 | no reply needed              | ack (counted by reason)                          |
 | retryable failure            | confirmed copy to the next delay queue, then ack |
+| deferred (copy in flight     | confirmed copy to a delay queue, retry count     |
+|   elsewhere, circuits open)  |   unchanged (not a failure), then ack            |
 | out of retries / permanent   | confirmed dead letter, then ack                  |
 | copy or dead letter refused  | nack with requeue (the delivery limit bounds it) |
 
@@ -45,6 +47,7 @@ from consumers.outcomes import (
     reason_text,
 )
 from consumers.pipeline import (
+    CIRCUIT_OPEN,
     Deferred,
     Delivery,
     Failed,
@@ -92,6 +95,18 @@ def defer_delay(delays_ms: Sequence[int], after_ms: int | None) -> int:
         return min(delays_ms)
     fitting = [d for d in delays_ms if d <= after_ms]
     return max(fitting) if fitting else min(delays_ms)
+
+
+def nearest_delay(delays_ms: Sequence[int], after_ms: int | None) -> int:
+    """The delay step nearest `after_ms` (the longer on a tie).
+
+    For an event waiting on an open circuit: it should come back just as the
+    next health probe may have closed it. Much sooner, it is only refused
+    again; much later, it stays silent after the provider is back.
+    """
+    if after_ms is None:
+        return min(delays_ms)
+    return min(delays_ms, key=lambda delay: (abs(delay - after_ms), -delay))
 
 
 class InteractionConsumer:
@@ -247,9 +262,14 @@ class InteractionConsumer:
                 outcome = Failed(
                     Failure(ErrorType.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}"),
                     retryable=True)
-            log.info("event handled", extra={
+            extra: dict[str, Any] = {
                 "action": "handle", "result": _describe(outcome),
-                "execution_time": round((time.perf_counter() - started) * 1000, 1)})
+                "execution_time": round((time.perf_counter() - started) * 1000, 1)}
+            if isinstance(outcome, Failed):
+                extra["error"] = outcome.failure.error
+            elif isinstance(outcome, Deferred) and outcome.detail:
+                extra["error"] = outcome.detail
+            log.info("event handled", extra=extra)
             fate = await self._settle(message, delivery, outcome)
             return event.event_id, event.community_id, fate
 
@@ -272,8 +292,13 @@ class InteractionConsumer:
             return Fate(NO_REPLY, outcome.reason, outcome.detail or reason_text(outcome.reason))
         carried = {headers.FIRST_RECEIVED_AT: delivery.first_received_at.isoformat()}
         if isinstance(outcome, Deferred):
-            failure = Failure(outcome.reason, "another copy of this event is being answered")
-            delay = defer_delay(self._delays, outcome.after_ms)
+            if outcome.reason == CIRCUIT_OPEN:
+                failure = Failure(outcome.reason, outcome.detail or "every circuit is open")
+                delay = nearest_delay(self._delays, outcome.after_ms)
+            else:
+                failure = Failure(outcome.reason, outcome.detail
+                                  or "another copy of this event is being answered")
+                delay = defer_delay(self._delays, outcome.after_ms)
             return await self._retry(message, failure, delay, carried, count=False)
         if not outcome.retryable:
             return await self._dead_letter(message, outcome.failure, carried)

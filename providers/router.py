@@ -6,11 +6,17 @@ since the next backend would most likely refuse it too and the event belongs
 in the DLQ. The error of the last provider tried is raised when none answers.
 
 Each provider has a circuit breaker (`providers.breaker`): while a provider's
-circuit is open it is skipped without a request, as if it had failed with
-`ProviderUnavailable("circuit open")` (a `CircuitOpen`). So a dead primary
-costs each event nothing instead of a full timeout, and when every circuit of
-the chain is open the event goes straight back to the retry delay queues,
-with `retry_after_s` saying when the first circuit lets a probe through.
+circuit is open it is skipped without a request. So a dead primary costs each
+event nothing instead of a full timeout. When every circuit of the chain is
+open, nothing was asked and nothing failed: a `CircuitOpen` is raised, with
+`retry_after_s` saying when the first circuit may close and the last real
+error saying why it is open, and the event waits without spending a retry.
+When at least one provider was asked, its own error is raised instead (the
+real failure, not the refusal of a later one).
+
+While a circuit is open, a prober asks that provider's health endpoint every
+`probe_s` (one task per breaker, `providers.probe`) and closes it as soon as
+it answers.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from providers.breaker import (
 )
 from providers.errors import ProviderError, log_provider_failure
 from providers.factory import Endpoint
+from providers.probe import CircuitProber
 from worker.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -51,21 +58,49 @@ class ProviderRouter:
         open_s: float = DEFAULT_OPEN_S,
         clock: Clock = time.monotonic,
         endpoint_factory: EndpointFactory | None = None,
+        probe_s: float | None = None,
     ) -> None:
+        """`probe_s`: how often an open circuit's health endpoint is asked (None: never)."""
         self._providers = dict(providers)
         self._metrics = metrics
         self._breaker_options = {
             "failure_threshold": failure_threshold, "open_s": open_s, "clock": clock}
+        self._clock = clock
+        self._probe_s = probe_s
+        self._probers: dict[CircuitBreaker, CircuitProber] = {}
         self._breakers: dict[ProviderKey, CircuitBreaker] = {
             name: self._new_breaker(provider) for name, provider in self._providers.items()
         }
         self._endpoint_factory = endpoint_factory
         self._endpoints: OrderedDict[Endpoint, Provider] = OrderedDict()
         self._retired: list[Provider] = []
+        self._closed = False
 
     def _new_breaker(self, provider: Provider) -> CircuitBreaker:
+        def on_open(breaker: CircuitBreaker) -> None:
+            self._start_prober(breaker, provider)
+
         return CircuitBreaker(provider.name, metrics=self._metrics,
+                              on_open=on_open if self._probe_s else None,
                               **self._breaker_options)  # type: ignore[arg-type]
+
+    def _start_prober(self, breaker: CircuitBreaker, provider: Provider) -> None:
+        """One prober per breaker: a circuit that reopens keeps the one it has."""
+        if self._closed or self._probe_s is None:
+            return
+        prober = self._probers.get(breaker)
+        if prober is not None and prober.running:
+            return
+        prober = CircuitProber(breaker, provider, interval_s=self._probe_s,
+                               metrics=self._metrics, clock=self._clock)
+        self._probers[breaker] = prober
+        prober.start()
+
+    def refused(self, key: ProviderKey) -> CircuitOpen:
+        """A request `key`'s open circuit refused: counted, and the error saying why."""
+        breaker = self._breakers[key]
+        self._metrics.circuit_refusals.labels(breaker.provider).inc()
+        return breaker.refusal()
 
     @property
     def providers(self) -> Mapping[ProviderName, Provider]:
@@ -95,7 +130,10 @@ class ProviderRouter:
             # The least recently used endpoint is dropped from the pool; its
             # client is closed at shutdown, as a request may still be using it.
             old, retired = self._endpoints.popitem(last=False)
-            self._breakers.pop(old, None)
+            dropped = self._breakers.pop(old, None)
+            prober = self._probers.pop(dropped, None) if dropped is not None else None
+            if prober is not None:
+                prober.cancel()
             self._retired.append(retired)
         return endpoint
 
@@ -126,8 +164,8 @@ class ProviderRouter:
         """Stream the answer from the first provider in `chain` that gives one."""
         if not chain:
             raise ValueError("no provider to ask")
-        last_error: ProviderError | None = None
-        waits: list[float] = []
+        real_error: ProviderError | None = None
+        refusals: list[CircuitOpen] = []
         for position, name in enumerate(chain):
             provider = self.get(name)
             breaker = self._breakers[name]
@@ -138,11 +176,7 @@ class ProviderRouter:
                 log.debug("provider skipped: circuit open", extra={
                     "action": "provider_call", "provider": provider.name,
                     "error_type": CircuitOpen.error_type})
-                waits.append(breaker.retry_in_s())
-                # A wait is worth announcing only while no provider of the
-                # chain was actually asked: one that was may answer any time.
-                all_refused = len(waits) == position + 1
-                last_error = CircuitOpen(provider.name, min(waits) if all_refused else None)
+                refusals.append(self.refused(name))
                 continue
             started = time.perf_counter()
             try:
@@ -151,7 +185,7 @@ class ProviderRouter:
                         provider, request if position == 0 else _without_model(request))
             except ProviderError as exc:
                 self._metrics.provider_errors.labels(provider.name, exc.error_type).inc()
-                last_error = exc
+                real_error = exc
                 if not exc.retryable:
                     raise
                 log_provider_failure(log, "provider failed", exc)
@@ -161,14 +195,25 @@ class ProviderRouter:
             if position > 0:
                 primary = self.get(chain[0]).name
                 self._metrics.fallbacks.labels(primary, provider.name).inc()
+                failed_before = real_error or (refusals[-1] if refusals else None)
                 log.info("answered by a fallback provider", extra={
                     "action": "fallback", "provider": provider.name, "primary": primary,
-                    "error_type": last_error.error_type if last_error else None})
+                    "error_type": failed_before.error_type if failed_before else None})
             return completion
-        assert last_error is not None
-        raise last_error
+        if real_error is not None:
+            # A provider was asked and failed: that is what happened to this
+            # event, whatever circuits refused the rest of the chain.
+            raise real_error
+        # Every circuit refused: the first that may close is when to look again.
+        last = refusals[-1]
+        raise CircuitOpen(last.provider, min(r.retry_after_s or 0.0 for r in refusals),
+                          last.last_error)
 
     async def aclose(self) -> None:
+        self._closed = True
+        for prober in list(self._probers.values()):
+            await prober.aclose()
+        self._probers.clear()
         for provider in [*self._providers.values(), *self._endpoints.values(), *self._retired]:
             await provider.aclose()
 

@@ -9,6 +9,8 @@ behaviours ("fail twice, then answer").
     async with FakeProvider() as fake:          # fake.url -> http://127.0.0.1:PORT
         fake.latency_s = 2.0                    # default behaviour, mutable
         fake.script = [Behaviour(status=500)]   # the next request fails, then default
+        await fake.go_down()                    # an outage: connections are refused
+        await fake.come_back()                  # listening again, on the same port
 
 Standalone, for benchmarks and manual use:
 
@@ -130,8 +132,13 @@ class FakeProvider:
         self.default = default or Behaviour()
         self.script: list[Behaviour] = []
         self.models = list(models)
+        # Chat requests; health checks (GET /api/tags, /v1/models) are kept apart,
+        # so a worker's own probes never shift what a test reads in `requests`.
         self.requests: list[RecordedRequest] = []
+        self.health_requests: list[RecordedRequest] = []
+        # Chat requests (what costs a generation); health checks are counted apart.
         self.calls = 0
+        self.health_calls = 0
         # Chat requests being answered right now, and the most seen at once.
         self.in_flight = 0
         self.max_in_flight = 0
@@ -170,6 +177,24 @@ class FakeProvider:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+    @property
+    def down(self) -> bool:
+        return self._runner is None and bool(self.url)
+
+    async def go_down(self) -> None:
+        """An outage as clients see one: the port stops listening (connection refused).
+
+        Requests in progress are cut off. `come_back()` listens on the same port.
+        """
+        assert self.url, "start() first"
+        self._port = int(self.url.rsplit(":", 1)[1])
+        await self.stop()
+
+    async def come_back(self) -> None:
+        """Listen again on the port the fake had before `go_down()`."""
+        assert self.down, "go_down() first"
+        await self.start()
 
     async def __aenter__(self) -> FakeProvider:
         await self.start()
@@ -213,12 +238,21 @@ class FakeProvider:
             body = orjson.loads(raw) if raw else None
         except orjson.JSONDecodeError:
             body = None
-        self.calls += 1
+        if request.method == "POST":
+            self.calls += 1
+        else:
+            self.health_calls += 1
         if self.record:
-            self.requests.append(
-                RecordedRequest(request.method, request.path, CIMultiDict(request.headers), body)
-            )
-        behaviour = self.script.pop(0) if self.script else self.default
+            recorded = RecordedRequest(
+                request.method, request.path, CIMultiDict(request.headers), body)
+            if request.method == "POST":
+                self.requests.append(recorded)
+            else:
+                self.health_requests.append(recorded)
+        # The script is for chat requests: a health check (a worker's start-up
+        # probe, a circuit's probe) answers as the default does, and leaves it.
+        scripted = self.script and request.method == "POST"
+        behaviour = self.script.pop(0) if scripted else self.default
         if behaviour.latency_s > 0:
             await asyncio.sleep(behaviour.latency_s)
         return behaviour, body

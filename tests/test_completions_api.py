@@ -357,7 +357,8 @@ async def test_models_are_listed_and_cached(
         first = await client.models.list()
         second = await client.models.list()
         calls_before_expiry = (
-            [r.path for r in fake.requests], [r.path for r in fake_openai.requests])
+            [r.path for r in fake.health_requests],
+            [r.path for r in fake_openai.health_requests])
         api.clock.now += 3601
         await client.models.list()
 
@@ -368,7 +369,7 @@ async def test_models_are_listed_and_cached(
     assert all(m.object == "model" and m.created > 0 for m in first.data)
     assert [m.id for m in second.data] == ids
     assert calls_before_expiry == (["/api/tags"], ["/v1/models"])
-    assert [r.path for r in fake.requests] == ["/api/tags", "/api/tags"]
+    assert [r.path for r in fake.health_requests] == ["/api/tags", "/api/tags"]
 
 
 async def test_a_failing_provider_is_left_out_of_the_models(

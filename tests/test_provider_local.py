@@ -56,7 +56,9 @@ def local_model() -> Iterator[LocalModel]:
 
 @pytest.fixture
 def provider(local_model: LocalModel) -> LocalProvider:
-    return LocalProvider(local_model, timeout_s=30.0)
+    # LOCAL_TIMEOUT bounds a whole generation (it used to bound each wait for a
+    # token): on a loaded 2-core machine 60 tokens can take half a minute.
+    return LocalProvider(local_model, timeout_s=120.0)
 
 
 async def chunks(provider: LocalProvider, request: ChatRequest = REQUEST) -> list[CompletionChunk]:
@@ -185,6 +187,29 @@ class TestWithModel:
         impatient = LocalProvider(local_model, timeout_s=0.001)
         with pytest.raises(ProviderTimeout):
             await chunks(impatient)
+
+    @pytest.mark.parametrize("stream", [False, True])
+    async def test_the_timeout_stops_the_generation_and_frees_its_thread(
+        self, local_model: LocalModel, stream: bool
+    ) -> None:
+        """LOCAL_TIMEOUT bounds the whole generation, and stops it: when the timeout is
+        reported, no thread is generating any more (it used to run on, a slot and a core
+        taken from the retry that replaced it)."""
+        impatient = LocalProvider(local_model, timeout_s=0.3)
+        long_answer = ChatRequest(messages=[ChatMessage(
+            "user", "Count from 1 to 1000, one number per line, no words.")],
+            max_tokens=2000)
+        with pytest.raises(ProviderTimeout, match="generation stopped"):
+            await (collect(impatient, long_answer) if stream
+                   else impatient.complete(long_answer))
+        # Usually at once (the thread is waited for, up to STOP_WAIT_S); a loaded
+        # machine may still be evaluating the prompt, which ends at its first token.
+        # Running on, 2000 tokens would take minutes here.
+        for _ in range(300):
+            if local_model.generating == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert local_model.generating == 0, "the timed-out generation is still running"
 
     @pytest.mark.parametrize("stream", [False, True])
     async def test_prompt_beyond_context_is_bad_request(

@@ -272,7 +272,7 @@ async def test_connection_refused_is_unavailable() -> None:
     await closed.stop()
     ollama = OllamaProvider(base_url=url, model="llama3.2", timeout_s=1.0)
     try:
-        with pytest.raises(ProviderUnavailable, match="Cannot connect"):
+        with pytest.raises(ProviderUnavailable, match=f"connection refused to {url}"):
             await ollama.complete(REQUEST)
         with pytest.raises(ProviderUnavailable):
             await chunks(ollama)
@@ -295,8 +295,8 @@ async def test_script_fails_then_recovers(fake: FakeProvider, provider: OllamaPr
 
 async def test_list_models(fake: FakeProvider, provider: OllamaProvider) -> None:
     assert await provider.list_models() == ["llama3.2:latest", "qwen3:0.6b"]
-    assert fake.last.path == "/api/tags"
-    assert fake.last.method == "GET"
+    assert fake.health_requests[-1].path == "/api/tags"
+    assert fake.health_requests[-1].method == "GET"
 
 
 async def test_health(fake: FakeProvider, provider: OllamaProvider) -> None:

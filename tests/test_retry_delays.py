@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from consumers.interaction import choose_delay, defer_delay
+from consumers.interaction import choose_delay, defer_delay, nearest_delay
 
 DELAYS = [1000, 2000, 4000, 8000, 16000]
 
@@ -35,3 +35,15 @@ def test_a_deferral_behind_a_default_lease_comes_back_a_few_times_not_45() -> No
         left -= defer_delay(DELAYS, left)
         trips += 1
     assert trips <= 6
+
+
+def test_an_event_refused_by_open_circuits_comes_back_nearest_the_next_probe() -> None:
+    """Sooner it is only refused again; later it stays silent after the provider is back."""
+    assert nearest_delay(DELAYS, 2_300) == 2000  # the default probe, jittered
+    assert nearest_delay(DELAYS, 1_700) == 2000
+    assert nearest_delay(DELAYS, 1_500) == 2000  # a tie goes to the longer step
+    assert nearest_delay(DELAYS, 400) == 1000
+    assert nearest_delay(DELAYS, 0) == 1000
+    assert nearest_delay(DELAYS, 45_000) == 16000  # probes off: the open time's end
+    assert nearest_delay(DELAYS, None) == 1000
+    assert nearest_delay([200, 400], 1_900) == 400

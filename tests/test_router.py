@@ -491,20 +491,26 @@ async def test_a_failed_fallback_after_an_open_primary_raises_its_own_error(
     assert primary.calls == 3
 
 
-async def test_an_open_fallback_after_a_failed_primary_announces_no_wait(
+async def test_a_failed_primary_before_an_open_fallback_raises_the_primarys_error(
     router: ProviderRouter, primary: FakeProvider, backup: FakeProvider
 ) -> None:
+    """The event failed for real (the primary was asked): that error is what it reports.
+
+    It used to raise the fallback's "circuit open", which hid what went wrong and
+    said nothing about the provider that was asked (issue 11: failure reasons).
+    """
     backup.status = 503
     for _ in range(3):  # a community whose only provider is the proxy opens its circuit
         with pytest.raises(ProviderUnavailable):
             await router.complete((WADDLEAI,), REQUEST)
     assert router.breaker_state(WADDLEAI) == "open"
 
-    primary.status = 503  # asked, failed; then the open fallback is the last error
-    with pytest.raises(CircuitOpen) as raised:
+    primary.status = 503  # asked, failed; the open fallback refused without a request
+    with pytest.raises(ProviderUnavailable) as raised:
         await router.complete(CHAIN, REQUEST)
-    assert raised.value.provider == "waddleai"
-    assert raised.value.retry_after_s is None  # the primary may answer the next try
+    assert not isinstance(raised.value, CircuitOpen)  # a real failure: it spends a retry
+    assert raised.value.provider == "ollama"
+    assert "HTTP 503" in str(raised.value)
     assert backup.calls == 3
 
 
@@ -535,3 +541,129 @@ def test_settings_defaults_and_bounds() -> None:
         load_settings(_env_file=None, circuit_failure_threshold=0)
     with pytest.raises(ValueError, match="CIRCUIT_OPEN_S"):
         load_settings(_env_file=None, circuit_open_s=0)
+
+
+# -- health probes close an open circuit (issue 11) ---------------------------------------
+
+
+def test_a_probe_that_answers_closes_the_circuit_and_records_the_outage(
+    breaker: CircuitBreaker, clock: FakeClock, metrics: Metrics,
+) -> None:
+    fail(breaker, 3, ProviderUnavailable("ollama", "connection refused to http://gpu:11434"))
+    assert state_of(breaker) is CircuitState.OPEN
+    clock.advance(4)
+    breaker.record_probe(ProviderUnavailable("ollama", "connection refused again"))
+    assert state_of(breaker) is CircuitState.OPEN  # a failed probe changes nothing but the why
+    assert "connection refused again" in str(breaker.refusal())
+    clock.advance(3)
+    breaker.record_probe(None)
+    assert state_of(breaker) is CircuitState.CLOSED
+    assert gauge(metrics, "ollama") == 0
+    assert allowed(breaker)  # requests flow at once, long before open_s
+    assert metrics.registry.get_sample_value(
+        "waddle_ai_circuit_open_seconds_count", {"provider": "ollama"}) == 1
+    assert metrics.registry.get_sample_value(
+        "waddle_ai_circuit_open_seconds_sum", {"provider": "ollama"}) == 7
+
+
+def test_an_outage_is_measured_from_its_first_opening_across_reopenings(
+    breaker: CircuitBreaker, clock: FakeClock, metrics: Metrics,
+) -> None:
+    fail(breaker, 3)
+    clock.advance(60)
+    fail(breaker, 1)  # the half-open request fails: open again, same outage
+    clock.advance(10)
+    breaker.record_probe(None)
+    assert metrics.registry.get_sample_value(
+        "waddle_ai_circuit_open_seconds_sum", {"provider": "ollama"}) == 70
+
+
+def test_a_refusal_says_why_and_when_to_look_again(
+    breaker: CircuitBreaker, clock: FakeClock,
+) -> None:
+    fail(breaker, 3, ProviderUnavailable("ollama", "connection refused to http://gpu:11434"))
+    refusal = breaker.refusal()
+    assert str(refusal) == (
+        "ollama: circuit open (last error: connection refused to http://gpu:11434)")
+    assert refusal.retry_after_s == 60  # no prober: the end of the open time
+    breaker.schedule_probe(clock.now + 2)
+    assert breaker.refusal().retry_after_s == 2  # the next probe may close it
+    clock.advance(1.5)
+    assert breaker.retry_in_s() == pytest.approx(0.5)
+
+
+def test_the_breaker_calls_on_open_at_each_opening(clock: FakeClock) -> None:
+    opened: list[CircuitState] = []
+    breaker = CircuitBreaker("ollama", failure_threshold=1, open_s=10, clock=clock,
+                             on_open=lambda b: opened.append(b.state))
+    fail(breaker, 1)
+    clock.advance(10)
+    fail(breaker, 1)
+    assert opened == [CircuitState.OPEN, CircuitState.OPEN]
+
+
+async def test_the_router_probes_an_open_primary_and_closes_it_when_it_is_back(
+    primary: FakeProvider, backup: FakeProvider, metrics: Metrics,
+) -> None:
+    """Real time, real sockets: no chat request is needed to notice the recovery."""
+    router = ProviderRouter(
+        {OLLAMA: OllamaProvider(base_url=primary.url, model="llama3.2", timeout_s=2.0)},
+        metrics, failure_threshold=2, open_s=600, probe_s=0.05)
+    try:
+        await primary.go_down()
+        for _ in range(2):
+            with pytest.raises(ProviderUnavailable, match="connection refused"):
+                await router.complete((OLLAMA,), REQUEST)
+        assert router.breaker_state(OLLAMA) == "open"
+        with pytest.raises(CircuitOpen) as refused:  # nothing asked: the event waits
+            await router.complete((OLLAMA,), REQUEST)
+        assert f"connection refused to {primary.url}" in str(refused.value)
+        assert refused.value.retry_after_s is not None
+        assert refused.value.retry_after_s < 0.1
+        await asyncio.sleep(0.3)
+        assert router.breaker_state(OLLAMA) == "open"  # probes fail while it is down
+
+        await primary.come_back()
+        for _ in range(100):
+            if router.breaker_state(OLLAMA) == "closed":
+                break
+            await asyncio.sleep(0.02)
+        assert router.breaker_state(OLLAMA) == "closed"
+        assert primary.calls == 0  # closed by a health probe, not by a chat request
+        assert primary.health_calls >= 1
+        assert (await router.complete((OLLAMA,), REQUEST)).provider == "ollama"
+
+        def probes(result: str) -> float:
+            value = metrics.registry.get_sample_value(
+                "waddle_ai_circuit_probes_total", {"provider": "ollama", "result": result})
+            return value or 0.0
+
+        assert probes("ok") == 1
+        assert probes("failed") >= 1
+        assert metrics.registry.get_sample_value(
+            "waddle_ai_circuit_refusals_total", {"provider": "ollama"}) == 1
+        await asyncio.sleep(0.2)
+        assert probes("ok") == 1  # a closed circuit is not probed
+    finally:
+        await router.aclose()
+
+
+async def test_without_probe_s_nothing_is_probed(
+    primary: FakeProvider, backup: FakeProvider, metrics: Metrics,
+) -> None:
+    router = make_router(primary, backup, metrics, failure_threshold=1, open_s=600)
+    try:
+        primary.status = 503
+        await router.complete(CHAIN, REQUEST)
+        assert router.breaker_state(OLLAMA) == "open"
+        await asyncio.sleep(0.2)
+        assert primary.health_calls == 0
+    finally:
+        await router.aclose()
+
+
+def test_circuit_probe_s_setting() -> None:
+    assert load_settings(_env_file=None).circuit_probe_s == 2.0
+    assert load_settings(_env_file=None, circuit_probe_s=0).circuit_probe_s == 0
+    with pytest.raises(ValueError, match="CIRCUIT_PROBE_S"):
+        load_settings(_env_file=None, circuit_probe_s=-1)

@@ -18,6 +18,7 @@ import pytest
 from redis.asyncio import ConnectionPool, Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from context.lease import LeaseKeeper
 from context.memory_store import MemoryStateStore
 from context.redis_store import RedisStateStore
 from context.store import (
@@ -727,3 +728,62 @@ async def test_outcomes_are_kept_for_their_ttl_then_forgotten(harness: Harness) 
     assert await store.get_outcome("e2") is None
     await harness.advance(1.2)
     assert await store.get_outcome("e1") is None
+# -- lease renewal: a slow attempt keeps its lease (issue 11) ---------------------------
+
+
+async def test_the_holder_renews_its_lease(harness: Harness) -> None:
+    store = harness.store
+    assert (await store.admit(admit_req("e1", attempt_id="a1", lease_ms=200))).admitted
+    await harness.advance(0.15)
+    assert await store.renew_lease("e1", "a1", 200)
+    await harness.advance(0.15)  # past the first lease, within the renewed one
+    refused = await store.admit(admit_req("e1", attempt_id="a2", lease_ms=200))
+    assert refused.verdict is Verdict.IN_FLIGHT_ELSEWHERE
+    await harness.advance(0.2)  # the renewed lease ends on its own too
+    assert (await store.admit(admit_req("e1", attempt_id="a2"))).admitted
+
+
+async def test_only_the_holder_renews(harness: Harness) -> None:
+    store = harness.store
+    assert (await store.admit(admit_req("e1", attempt_id="a1", lease_ms=200))).admitted
+    assert not await store.renew_lease("e1", "a2", 60_000)
+    await harness.advance(0.3)
+    assert not await store.renew_lease("e1", "a1", 60_000)  # expired: nothing to renew
+    assert (await store.admit(admit_req("e1", attempt_id="a2"))).admitted
+    assert not await store.renew_lease("e1", "a1", 60_000)  # another attempt took it
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_lease_keeper_holds_the_lease_while_the_attempt_runs(
+    backend: str, redis_prefix: str
+) -> None:
+    """Real time: an attempt three leases long keeps its lease; once it ends, the lease
+    expires as a dead worker's would (LeaseKeeper never releases on its own)."""
+    store: StateStore = (MemoryStateStore() if backend == "memory"
+                         else RedisStateStore.from_url(REDIS_URL, redis_prefix))
+    try:
+        assert (await store.admit(admit_req("e1", attempt_id="a1", lease_ms=300))).admitted
+        async with LeaseKeeper(store, "e1", "a1", 300) as keeper:
+            for _ in range(9):
+                await asyncio.sleep(0.1)
+                copy = await store.admit(admit_req("e1", attempt_id="a2", lease_ms=300))
+                assert copy.verdict is Verdict.IN_FLIGHT_ELSEWHERE
+        assert keeper.renewals >= 5
+        assert not keeper.lost
+        await asyncio.sleep(0.4)
+        assert (await store.admit(admit_req("e1", attempt_id="a2"))).admitted
+    finally:
+        await store.aclose()
+
+
+async def test_lease_keeper_notices_a_lost_lease(redis_prefix: str) -> None:
+    store = MemoryStateStore()
+    assert (await store.admit(admit_req("e1", attempt_id="a1", lease_ms=300))).admitted
+    await store.release("e1", "a1")
+    assert (await store.admit(admit_req("e1", attempt_id="a2", lease_ms=300))).admitted
+    async with LeaseKeeper(store, "e1", "a1", 300, every_s=0.05) as keeper:
+        await asyncio.sleep(0.2)
+    assert keeper.lost
+    assert keeper.renewals == 0
+    refused = await store.admit(admit_req("e1", attempt_id="a1"))
+    assert refused.verdict is Verdict.IN_FLIGHT_ELSEWHERE  # a2's lease untouched

@@ -50,6 +50,7 @@ from providers.completions import CompletionService
 from providers.errors import ProviderAuthFailed, ProviderError
 from providers.factory import build_endpoint_provider, build_provider
 from providers.local import LocalModel
+from providers.probe import probe
 from providers.router import ProviderRouter
 from publishers.failures import FailurePublisher
 from publishers.replies import ReplyPublisher
@@ -146,6 +147,7 @@ async def build_router(
         providers, metrics,
         failure_threshold=settings.circuit_failure_threshold,
         open_s=settings.circuit_open_s,
+        probe_s=settings.circuit_probe_s or None,
         # A community's own base URL or key: its own pooled client and breaker.
         endpoint_factory=lambda kind, base_url, api_key: build_endpoint_provider(
             kind, settings, base_url=base_url, api_key=api_key),
@@ -194,6 +196,7 @@ class App:
         self._health: dict[str, tuple[float, dict[str, Any]]] = {}
         self._stopped = asyncio.Event()
         self._stopping = False
+        self._startup_probe: asyncio.Task[None] | None = None
         # role ("consume" / "publish") -> connected as far as the callbacks know.
         self._broker_up: dict[str, bool] = {}
 
@@ -228,6 +231,10 @@ class App:
 
     async def start(self) -> None:
         s = self.settings
+        # In the background: an unreachable provider is worth a warning at
+        # start, never a delay or a failed start (it may come up after us).
+        self._startup_probe = asyncio.get_running_loop().create_task(
+            self._probe_providers_at_start(), name="startup-provider-probe")
         self._publish_connection = await self._connect("publish")
         publish_channel = await self._publish_connection.channel(
             publisher_confirms=True, on_return_raises=True)
@@ -304,6 +311,17 @@ class App:
             "queue": self.topology.interaction_queue, "sidecar_port": self.sidecar.bound_port,
             "max_concurrent": s.max_concurrent_requests, "prefetch": s.prefetch_count})
 
+    async def _probe_providers_at_start(self) -> None:
+        """One WARNING per configured provider that does not answer its health check."""
+        for name, provider in self.router.providers.items():
+            error = await probe(provider)
+            if error is None:
+                continue
+            log.warning("provider %s is not answering at start: %s (events wait or go to "
+                        "a fallback until it does)", name.value, error.detail, extra={
+                            "action": "startup_probe", "provider": name.value,
+                            "error_type": error.error_type, "error": str(error)})
+
     @property
     def connections(self) -> dict[str, AbstractRobustConnection]:
         """The broker connections by role (`consume`, `publish`), once started."""
@@ -374,6 +392,10 @@ class App:
         """Drain and close; True when every in-flight event finished within the grace time."""
         drained = True
         self._stopping = True
+        if self._startup_probe is not None and not self._startup_probe.done():
+            self._startup_probe.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._startup_probe
         if self.consumer is not None or self.rpc_consumer is not None:
             stops = [c.stop(self.settings.shutdown_grace_s)
                      for c in (self.consumer, self.rpc_consumer) if c is not None]

@@ -66,6 +66,7 @@ from publishers.confirm import PublishFailed, publish_confirmed
 from publishers.failures import copy_message, now_rfc3339, retry_count
 from schemas import headers
 from worker.errors import describe_failure
+from worker.provider_check import unreachable_providers
 
 PREVIEW_CHARS = 60
 
@@ -637,6 +638,10 @@ async def command(settings: Settings, args: argparse.Namespace, topology: Topolo
                 ids=frozenset(args.ids), error_types=frozenset(args.error_types),
                 communities=frozenset(args.communities), limit=args.limit,
             )
+            # Said before replaying, and never a reason not to: the events wait
+            # for the provider in the workers (an open circuit spends no retry).
+            for unreachable in await unreachable_providers(settings):
+                print(f"waddle-ai: {unreachable.sentence()}", file=sys.stderr)
             return await _replay(box, topology, selection, dry_run=args.dry_run)
         return await _purge(box, ask=not args.yes)
     except DeadLetterQueueMissing as exc:

@@ -18,6 +18,8 @@ from prometheus_client import (
 )
 
 PROVIDER_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 20.0, 30.0, 60.0)
+# How long circuits stay open: seconds for a blip, minutes for an outage.
+OUTAGE_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 HANDLING_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -71,6 +73,20 @@ class Metrics:
             "waddle_ai_circuit_state",
             "Circuit breaker per provider: 0 closed, 1 half-open, 2 open.",
             ["provider"], registry=r)
+        self.circuit_probes = Counter(
+            "waddle_ai_circuit_probes",
+            "Health probes of providers whose circuit is open, by result (ok, failed).",
+            ["provider", "result"], registry=r)
+        self.circuit_refusals = Counter(
+            "waddle_ai_circuit_refusals",
+            "Requests not sent because the provider's circuit was open (the event waits "
+            "or a fallback answers; not a failure, no retry spent).",
+            ["provider"], registry=r)
+        self.circuit_open_seconds = Histogram(
+            "waddle_ai_circuit_open_seconds",
+            "Time to recovery: how long a provider's circuit stayed open, observed "
+            "when it closes.",
+            ["provider"], buckets=OUTAGE_BUCKETS, registry=r)
         self.fallbacks = Counter(
             "waddle_ai_fallbacks", "Answers given by a fallback because the primary failed.",
             ["primary", "fallback"], registry=r)

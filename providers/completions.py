@@ -35,7 +35,7 @@ from pydantic_core import PydanticCustomError
 
 from config.settings import ProviderName
 from providers.base import ChatMessage, ChatRequest, CompletionChunk, Provider, TokenUsage
-from providers.breaker import Ticket
+from providers.breaker import CircuitOpen, Ticket
 from providers.errors import (
     ProviderAuthFailed,
     ProviderBadOutput,

@@ -89,6 +89,11 @@ def make_settings(prefix: str) -> Callable[..., Settings]:
 async def broker_cleanup(prefix: str) -> AsyncIterator[None]:
     """Delete this test's queues and exchanges afterwards (whatever delays it used)."""
     yield
+    await delete_topology(prefix)
+
+
+async def delete_topology(prefix: str) -> None:
+    """Remove every queue and exchange a deployment with `prefix` may have declared."""
     connection = await aio_pika.connect_robust(AMQP_URL)
     try:
         channel = await connection.channel()

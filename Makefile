@@ -12,7 +12,7 @@ RUN_STAMP   := $(VENV)/.installed-run
 DEV_STAMP   := $(VENV)/.installed-dev
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: install install-run run demo test lint typecheck unit bench clean
+.PHONY: install install-run install-bench run demo test lint typecheck unit bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,9 @@ install: $(DEV_STAMP)
 
 ## Only what running the worker needs.
 install-run: $(RUN_STAMP)
+
+## The benchmark's extra too (CI installs it for the benchmark smoke test).
+install-bench: $(BENCH_STAMP)
 
 ## The worker on the embedded default: local model, in-memory context.
 run: $(RUN_STAMP)

@@ -31,6 +31,8 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         if exc.status < 400:
             raise
         return _error_response(request, exc.status, exc.reason, allow=exc.headers.get("Allow"))
+    except ConnectionError:
+        raise  # the client left: there is no one to answer
     except Exception:
         log.exception("sidecar request crashed", extra={
             "action": "http_request", "path": request.path})

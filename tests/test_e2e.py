@@ -515,7 +515,7 @@ async def test_sidecar_serves_health_readiness_and_metrics(
                 assert (await response.json())["consumer"]["attached"] is False
     assert ready["consumer"]["attached"] is True
     assert ready["broker"]["connected"] is True
-    assert ready["state"] == {"backend": "redis", "ok": True}
+    assert ready["state"] == {"backend": "redis", "ok": True, "degraded": False}
     assert ready["providers"]["ollama"]["ok"] is True
     assert 'waddle_ai_replies_total{provider="ollama",trigger="question"} 1.0' in metrics
     assert 'waddle_ai_events_received_total{message_type="chatMessage"} 1.0' in metrics

@@ -1,7 +1,7 @@
 """Both rate limiters must give the same answers; the Redis one runs against a real Redis.
 
-Set WADDLE_TEST_REDIS_URL to point the Redis tests elsewhere than
-redis://127.0.0.1:6379/0. Each test uses its own random key prefix and deletes
+The Redis is tests/conftest.py's (`TEST_REDIS_URL`, default
+redis://127.0.0.1:6379/0). Each test uses its own random key prefix and deletes
 its keys afterwards, so tests can share a Redis with other users.
 
 Most tests pass explicit `now_ms` values to hit the window edge to the
@@ -13,7 +13,6 @@ its keys vanish mid-test.
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -33,9 +32,8 @@ from context.rate_limits import (
     rate_key,
     user_rate_key,
 )
+from tests.conftest import REDIS_URL
 from tests.redis_wire import RecordingConnection, WireLog
-
-REDIS_URL = os.environ.get("WADDLE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 MINUTE = 60_000
 

@@ -1,14 +1,13 @@
 """Both state stores must give the same answers; the Redis one runs against a real Redis.
 
-Set WADDLE_TEST_REDIS_URL to point the Redis tests elsewhere than
-redis://127.0.0.1:6379/0. Each test uses its own random key prefix and deletes
+The Redis is tests/conftest.py's (`TEST_REDIS_URL`, default
+redis://127.0.0.1:6379/0). Each test uses its own random key prefix and deletes
 its keys afterwards, so tests can share a Redis with other users.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -29,9 +28,8 @@ from context.store import (
     Turn,
     Verdict,
 )
+from tests.conftest import REDIS_URL
 from tests.redis_wire import RecordingConnection, WireLog
-
-REDIS_URL = os.environ.get("WADDLE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 KEY = ConversationKey(community_id="c1", channel_id="ch1", user_id="u1", platform="twitch")
 

@@ -57,6 +57,7 @@ from publishers.replies import ReplyPublisher
 from worker.completions_api import completion_routes
 from worker.explain import outcome_routes
 from worker.metrics import Metrics
+from worker.openapi import build_openapi, openapi_route
 from worker.sidecar import Sidecar
 
 log = logging.getLogger(__name__)
@@ -278,6 +279,7 @@ class App:
                 *completion_routes(self.completions, s.api_keys, self.metrics,
                                    max_concurrent=s.completions_max_concurrent),
                 *outcome_routes(self.store),
+                openapi_route(build_openapi()),
             ],
         )
         await self.sidecar.start()
@@ -446,10 +448,10 @@ class App:
         state = dict(await self._cached("state", self._check_state))
         # The mode changes between cached pings; report the current one.
         state["backend"] = self.store.backend
-        if isinstance(self.store, FailoverStateStore) and self.store.degraded:
-            # Degraded is not unready (the contract's "explicitly degraded"):
-            # replies go on from memory, and the JSON says so.
-            state["degraded"] = True
+        # Degraded is not unready (the contract's "explicitly degraded"):
+        # replies go on from memory, and the JSON says so. Memory by choice (no
+        # REDIS_URL) is degraded too: dedupe and cooldowns are per replica.
+        state["degraded"] = self.store.backend != "redis"
         providers = {
             name.value: _provider_health(
                 await self._cached(f"provider:{name.value}",

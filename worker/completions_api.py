@@ -30,6 +30,7 @@ from providers.completions import (
     CompletionService,
     completion_metrics,
     internal_error,
+    invalid_request,
     parse_request,
     request_too_large,
 )
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 CHAT_PATH = "/v1/chat/completions"
 CHAT_ALIAS_PATH = "/api/v1/ai/chat/completions"
 MODELS_PATH = "/v1/models"
+MODEL_PATH = "/v1/models/{model}"
 READ_CHUNK_BYTES = 64 * 1024
 TRANSPORT = "http"
 
@@ -57,6 +59,8 @@ def completion_routes(
         web.post(CHAT_PATH, api.chat),
         web.post(CHAT_ALIAS_PATH, api.chat),
         web.get(MODELS_PATH, api.models),
+        # `.+`: model ids may hold a slash (`org/model`), as OpenAI's do.
+        web.get(MODEL_PATH.replace("{model}", "{model:.+}"), api.model),
     ]
 
 
@@ -123,6 +127,25 @@ class _CompletionsApi:
             log.exception("model listing crashed", extra={"action": "list_models"})
             return self._error(internal_error(), started, count=False)
         return _json(listing)
+
+    async def model(self, request: web.Request) -> web.StreamResponse:
+        """One entry of `/v1/models` (OpenAI's "retrieve model"), or a JSON 404."""
+        started = time.perf_counter()
+        wanted = request.match_info["model"]
+        try:
+            self._authenticate(request)
+            listing = await self._service.models()
+        except CompletionError as exc:
+            return self._error(exc, started, count=False)
+        except Exception:
+            log.exception("model listing crashed", extra={"action": "list_models"})
+            return self._error(internal_error(), started, count=False)
+        for entry in listing["data"]:
+            if entry["id"] == wanted:
+                return _json(entry)
+        return self._error(invalid_request(
+            f"the model {wanted!r} does not exist: no provider lists it",
+            code="model_not_found", param="model", status=404), started, count=False)
 
     # -- streaming -------------------------------------------------------------
 

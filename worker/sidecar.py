@@ -13,6 +13,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from worker.http_errors import json_errors
 from worker.metrics import Metrics
 
 ReadinessCheck = Callable[[], Awaitable[tuple[bool, dict[str, Any]]]]
@@ -27,7 +28,7 @@ class Sidecar:
         self._port = port
         self._metrics = metrics
         self._readiness = readiness
-        self._app = web.Application()
+        self._app = web.Application(middlewares=[json_errors])
         self._app.add_routes([
             web.get("/healthz", self._healthz),
             web.get("/readyz", self._readyz),
@@ -36,6 +37,11 @@ class Sidecar:
         ])
         self._runner: web.AppRunner | None = None
         self.bound_port: int | None = None
+
+    def routes(self) -> list[tuple[str, str]]:
+        """(method, path template) of every route served; the OpenAPI test compares them."""
+        return [(route.method, route.resource.canonical)
+                for route in self._app.router.routes() if route.resource is not None]
 
     async def start(self) -> None:
         self._runner = web.AppRunner(self._app, access_log=None)

@@ -21,14 +21,16 @@ from aiohttp import web
 from openapi_spec_validator import validate
 
 from config.settings import ProviderName
+from context.memory_store import MemoryStateStore
 from providers.completions import CompletionError, CompletionService, parse_request
 from providers.ollama import OllamaProvider
 from providers.router import ProviderRouter
 from schemas.completions import ChatCompletionChunk, ErrorResponse
 from tests.fake_provider import FakeProvider
+from worker.app import sidecar_routes
 from worker.completions_api import completion_routes
 from worker.metrics import Metrics
-from worker.openapi import build_openapi, openapi_route
+from worker.openapi import build_openapi
 from worker.sidecar import Sidecar
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -88,8 +90,7 @@ def test_schemas_use_only_known_keywords(document: dict[str, Any]) -> None:
 def test_every_route_is_documented_and_nothing_else(document: dict[str, Any]) -> None:
     sidecar = Sidecar(
         host="127.0.0.1", port=0, metrics=Metrics(), readiness=_ready,
-        extra_routes=[*completion_routes(_service(), [KEY], max_concurrent=1),
-                      openapi_route(document)])
+        extra_routes=sidecar_routes(_service(), MemoryStateStore(), [KEY], max_concurrent=1))
     served = set()
     for method, path in sidecar.routes():
         if method in {"HEAD", "OPTIONS"}:

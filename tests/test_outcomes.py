@@ -7,6 +7,7 @@ import asyncio
 import orjson
 import pytest
 
+from consumers import outcomes
 from consumers.outcomes import (
     DEAD_LETTERED,
     NO_REPLY,
@@ -23,6 +24,7 @@ from consumers.outcomes import (
 )
 from consumers.triggers import SkipReason
 from context.memory_store import MemoryStateStore
+from schemas.outcomes import OutcomeRecord
 
 
 def test_cooldown_detail_says_when_and_which_setting() -> None:
@@ -83,3 +85,14 @@ async def test_a_failed_write_is_logged_not_raised() -> None:
     await recorder.record("e2", Fate(NO_REPLY, "stale", "old"), community_id=None)  # in place
     await recorder.drain()
     await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize("status", sorted(outcomes._HANDLING_LABELS))
+def test_every_recorded_status_fits_the_documented_record(status: str) -> None:
+    """`GET /outcomes/{id}` is documented by `schemas.outcomes.OutcomeRecord`: a status
+    the recorder writes that the document does not know would break its readers."""
+    raw = encode_outcome("e1", Fate(status, "why", "in words", {"trigger": "greeting"}),
+                         community_id="c1")
+    record = OutcomeRecord.model_validate_json(raw)
+    assert record.status == status
+    assert record.model_extra == {"trigger": "greeting"}

@@ -16,11 +16,13 @@ import gc
 import logging
 import signal
 import time
+from collections.abc import Sequence
 from contextlib import suppress
 from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractRobustConnection
+from aiohttp import web
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -156,6 +158,19 @@ async def build_router(
     return router, local_model
 
 
+def sidecar_routes(
+    completions: CompletionService, store: StateStore, api_keys: Sequence[str],
+    metrics: Metrics | None = None, *, max_concurrent: int,
+) -> list[web.RouteDef]:
+    """Every route the sidecar serves beside health and metrics: the one list the
+    app mounts and the OpenAPI test holds the document to."""
+    return [
+        *completion_routes(completions, api_keys, metrics, max_concurrent=max_concurrent),
+        *outcome_routes(store),
+        openapi_route(build_openapi()),
+    ]
+
+
 class App:
     def __init__(
         self,
@@ -275,12 +290,8 @@ class App:
         self.sidecar = Sidecar(
             host=s.sidecar_host, port=s.sidecar_port, metrics=self.metrics,
             readiness=self.readiness,
-            extra_routes=[
-                *completion_routes(self.completions, s.api_keys, self.metrics,
-                                   max_concurrent=s.completions_max_concurrent),
-                *outcome_routes(self.store),
-                openapi_route(build_openapi()),
-            ],
+            extra_routes=sidecar_routes(self.completions, self.store, s.api_keys, self.metrics,
+                                        max_concurrent=s.completions_max_concurrent),
         )
         await self.sidecar.start()
 

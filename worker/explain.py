@@ -39,8 +39,10 @@ def outcome_routes(store: StateStore) -> list[web.RouteDef]:
         event_id = request.match_info["event_id"]
         found = await store.get_outcome(event_id)
         if found is None:
-            return web.json_response(
-                {"error": f"no outcome known for event {event_id}"}, status=404)
+            return web.json_response({"error": {
+                "message": f"no outcome known for event {event_id} (kept OUTCOME_TTL_S)",
+                "type": "invalid_request_error", "param": None, "code": "outcome_not_found",
+            }}, status=404)
         return web.Response(body=found, content_type="application/json")
 
     return [web.get("/outcomes/{event_id}", outcome)]

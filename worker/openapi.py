@@ -34,9 +34,11 @@ from schemas.completions import (
     ModelList,
     Readiness,
 )
+from schemas.outcomes import OutcomeRecord
 from worker.completions_api import CHAT_ALIAS_PATH, CHAT_PATH, MODEL_PATH, MODELS_PATH
 
 OPENAPI_PATH = "/openapi.json"
+OUTCOMES_PATH = "/outcomes/{event_id}"
 STREAM_EVENT = "ChatCompletionStreamEvent"
 REF_TEMPLATE = "#/components/schemas/{model}"
 
@@ -88,6 +90,18 @@ def build_openapi(api_version: str | None = None) -> dict[str, Any]:
                 "description": "the OpenAPI document",
                 "content": {"application/json": {"schema": {"type": "object"}}},
             }})},
+            OUTCOMES_PATH: {"get": {
+                **_probe("getOutcome", "what became of one event (`waddle-ai explain`)", {
+                    "200": _json_response("the event's outcome", "OutcomeRecord"),
+                    "404": _json_response(
+                        "no outcome known (never seen, or older than OUTCOME_TTL_S)",
+                        "ErrorResponse"),
+                }),
+                "parameters": [{
+                    "name": "event_id", "in": "path", "required": True,
+                    "schema": {"type": "string"}, "description": "the event's `event_id`",
+                }],
+            }},
             CHAT_PATH: {"post": _chat("createChatCompletion")},
             CHAT_ALIAS_PATH: {"post": _chat("createChatCompletionAlias")},
             MODELS_PATH: {"get": {
@@ -97,7 +111,7 @@ def build_openapi(api_version: str | None = None) -> dict[str, Any]:
                 "security": [{"bearerAuth": []}],
                 "responses": {
                     "200": _json_response("the model list", "ModelList"),
-                    **_errors("401", "500"),
+                    **_errors("401", "500", "502", "503", "504"),
                 },
             }},
             MODEL_PATH: {"get": {
@@ -145,7 +159,7 @@ def _component_schemas() -> dict[str, Any]:
         (CompletionRequest, "validation"),
         *((model, "serialization") for model in (
             ChatCompletion, ChatCompletionChunk, ErrorResponse, Model, ModelList, Health,
-            Readiness)),
+            Readiness, OutcomeRecord)),
     ]
     _, top = models_json_schema(models, ref_template=REF_TEMPLATE)
     schemas: dict[str, Any] = top.get("$defs", {})

@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run demo test lint typecheck unit bench clean
+.PHONY: install run demo test lint typecheck unit bench image-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,13 @@ unit: install
 ## The benchmark harness (about 3 minutes); writes bench/RESULTS.md.
 bench: install
 	$(BIN)/python -m bench run
+
+## Build the Dockerfile's image (from a Debian-made base unless PYTHON_IMAGE is
+## given) and prove it: run it against the local broker, get a reply from its
+## embedded model, stop it. Starts (and stops) a Docker daemon if none answers;
+## says "skipped" with the reason where none can run. See deploy/image/check.sh.
+image-check:
+	deploy/image/check.sh
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -7,7 +7,9 @@
 #     else the Debian one deploy/image/base.sh makes (cached after the first run);
 #  3. the image, built with BuildKit on the host network (pip reaches PyPI);
 #  4. a container of it on the host network, against the machine's RabbitMQ,
-#     with its own QUEUE_PREFIX and a free SIDECAR_PORT: /readyz must say ready,
+#     with its own QUEUE_PREFIX and a free SIDECAR_PORT, confined as the
+#     Kubernetes Deployment confines it (read-only root, no capabilities, its
+#     memory limit): /readyz must say ready,
 #     `waddle-ai publish "hello everyone" --wait` (run inside the container)
 #     must get a reply from the embedded model, the user must not be root, the
 #     HEALTHCHECK must report healthy, and SIGTERM must stop it cleanly (exit 0);
@@ -139,7 +141,10 @@ say "built $IMAGE_TAG, $("$DOCKER" image inspect --format '{{.Size}}' "$IMAGE_TA
 # -- run it against the machine's broker ------------------------------------------
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 container_started=1
+# Confined as deploy/k8s/deployment.yaml confines it: read-only root with a
+# writable /tmp, no capabilities, no privilege escalation, its memory limit.
 "$DOCKER" run -d --name "$CONTAINER" --network host \
+  --read-only --tmpfs /tmp --cap-drop ALL --security-opt no-new-privileges --memory 1536m \
   -e AMQP_URL="$AMQP_URL" -e QUEUE_PREFIX="$QUEUE_PREFIX" \
   -e SIDECAR_HOST=127.0.0.1 -e SIDECAR_PORT="$port" -e LOG_FORMAT=json \
   "$IMAGE_TAG" >/dev/null

@@ -25,7 +25,7 @@ cd "$(dirname "$0")/../.."
 
 # Bump RECIPE when the package list or the import options change: the tag
 # changes with it, so a stale base is never reused.
-RECIPE=1
+RECIPE=2
 SUITE=bookworm
 PACKAGES=python3,python3-venv,passwd,ca-certificates
 TAG="waddle-ai-base:${SUITE}-${RECIPE}"
@@ -61,6 +61,9 @@ if [ ! -s "$TARBALL" ]; then
   [ "$(id -u)" = 0 ] || { log "debootstrap needs root"; exit 3; }
   mkdir -p "$CACHE_DIR"
   root=$(mktemp -d "$CACHE_DIR/rootfs.XXXXXX")
+  # mktemp makes it 0700, and the tarball's "./" carries that to the image's
+  # "/" (vfs applies it; overlay2 happens not to): no user but root could run.
+  chmod 0755 "$root"
   trap 'rm -rf "$root"' EXIT
   url=$(mirror)
   log "debootstrap $SUITE from $url with $PACKAGES (about a minute)"

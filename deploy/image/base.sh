@@ -95,4 +95,9 @@ log "importing $TARBALL as $TAG"
   --change 'CMD ["python3"]' \
   --message "debootstrap $SUITE minbase + $PACKAGES" \
   "$TARBALL" "$TAG" >/dev/null
+# Older recipes' bases and tarballs are of no further use.
+for stale in $("$DOCKER" images --format '{{.Repository}}:{{.Tag}}' waddle-ai-base); do
+  [ "$stale" = "$TAG" ] || "$DOCKER" rmi "$stale" >/dev/null 2>&1 || true
+done
+find "$CACHE_DIR" -maxdepth 1 -name '*.tar' ! -name "$(basename "$TARBALL")" -delete
 echo "$TAG"

@@ -34,6 +34,9 @@ CACHE_DIR=${BASE_CACHE_DIR:-.cache/image}
 TARBALL="$CACHE_DIR/${SUITE}-${RECIPE}.tar"
 
 log() { echo "image-base: $*" >&2; }
+# Exit 3, the reason on stdout: this machine cannot make the base (the check
+# then says "skipped" with that reason); any other failure is a real one.
+cannot() { echo "$*"; exit 3; }
 
 mirror() {
   if [ -n "${DEBIAN_MIRROR:-}" ]; then echo "$DEBIAN_MIRROR"; return; fi
@@ -57,8 +60,8 @@ if "$DOCKER" image inspect "$TAG" >/dev/null 2>&1; then
 fi
 
 if [ ! -s "$TARBALL" ]; then
-  command -v debootstrap >/dev/null || { log "needs Debian's debootstrap (apt-get install debootstrap)"; exit 3; }
-  [ "$(id -u)" = 0 ] || { log "debootstrap needs root"; exit 3; }
+  command -v debootstrap >/dev/null || cannot "debootstrap is not installed (apt-get install debootstrap)"
+  [ "$(id -u)" = 0 ] || cannot "debootstrap needs root"
   mkdir -p "$CACHE_DIR"
   root=$(mktemp -d "$CACHE_DIR/rootfs.XXXXXX")
   # mktemp makes it 0700, and the tarball's "./" carries that to the image's

@@ -130,7 +130,7 @@ say "daemon $("$DOCKER" version --format '{{.Server.Version}}'), storage driver 
 if [ -z "${PYTHON_IMAGE:-}" ]; then
   base_status=0
   PYTHON_IMAGE=$(deploy/image/base.sh) || base_status=$?
-  [ "$base_status" = 3 ] && skip "no base image: deploy/image/base.sh cannot run here (see above)"
+  [ "$base_status" = 3 ] && skip "no base image: $PYTHON_IMAGE"
   [ "$base_status" = 0 ] || fail "deploy/image/base.sh failed"
 fi
 say "building $IMAGE_TAG from $PYTHON_IMAGE ($(elapsed) so far; log: $STATE_DIR/build.log)"

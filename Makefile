@@ -12,7 +12,7 @@ RUN_STAMP   := $(VENV)/.installed-run
 DEV_STAMP   := $(VENV)/.installed-dev
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: install install-run install-bench run demo test lint typecheck unit bench clean
+.PHONY: install install-run install-bench run demo test lint typecheck unit bench image-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -68,6 +68,13 @@ unit: $(DEV_STAMP)
 ## The benchmark harness (about 3 minutes); writes bench/RESULTS.md.
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench run
+
+## Build the Dockerfile's image (from a Debian-made base unless PYTHON_IMAGE is
+## given) and prove it: run it against the local broker, get a reply from its
+## embedded model, stop it. Starts (and stops) a Docker daemon if none answers;
+## says "skipped" with the reason where none can run. See deploy/image/check.sh.
+image-check:
+	deploy/image/check.sh
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

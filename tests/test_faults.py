@@ -215,11 +215,6 @@ async def replied_without_marker(prefix: str, event_ids: Sequence[str]) -> dict[
         await client.aclose()
 
 
-async def dlq_replay_available(env: dict[str, str], cwd: Path) -> bool:
-    code, out, err = await run_cli("dlq", "--help", env=env, cwd=cwd, timeout_s=30)
-    return code == 0 and "replay" in out + err
-
-
 # -- fixtures ---------------------------------------------------------------
 
 
@@ -417,9 +412,6 @@ async def test_dead_letters_replayed_after_the_outage_are_answered_once(
     """
     circuit_open_s = 1.0
     cli_env = workers.env()
-    if not await dlq_replay_available(cli_env, tmp_path):
-        pytest.skip("`waddle-ai dlq replay` does not exist yet (`python -m worker dlq --help` "
-                    "fails); the outage half is covered by the test above")
     events = await _outage_fills_the_dlq(workers, router_client, fake, topology, 10,
                                          {"CIRCUIT_OPEN_S": str(circuit_open_s)})
     event_ids = [str(event["event_id"]) for event in events]

@@ -32,8 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from broker.topology import Topology
 from config.settings import Settings
 from tests.compose_file import ROOT, compose, has_compose_client
-from tests.conftest import REQUIRED_TOOL
-from tests.conftest import running_worker
+from tests.conftest import REQUIRED_TOOL, running_worker
 from tests.fake_provider import FakeProvider
 from worker.client import RouterClient, make_event
 

@@ -48,6 +48,7 @@ from providers.completions import CompletionService
 from providers.factory import build_endpoint_provider, build_provider
 from providers.local import LocalModel
 from providers.router import ProviderRouter
+from publishers.crash_hook import CrashAfterConfirm
 from publishers.failures import FailurePublisher
 from publishers.replies import ReplyPublisher
 from worker.completions_api import completion_routes
@@ -231,7 +232,7 @@ class App:
             config=self.community_config,
             store=self.store,
             providers=self.router,
-            replies=await ReplyPublisher.open(publish_channel, self.topology.responses_exchange),
+            replies=await self._reply_publisher(publish_channel),
             metrics=self.metrics,
             options=PipelineOptions(
                 max_event_age_s=s.max_event_age_s,
@@ -292,6 +293,13 @@ class App:
             "action": "start", "provider": s.ai_provider.value, "state": self.store.backend,
             "queue": self.topology.interaction_queue, "sidecar_port": self.sidecar.bound_port,
             "max_concurrent": s.max_concurrent_requests, "prefetch": s.prefetch_count})
+
+    async def _reply_publisher(self, channel: AbstractChannel) -> ReplyPublisher:
+        exchange = self.topology.responses_exchange
+        marker = self.settings.waddle_test_crash_after_confirm
+        if marker:  # test-only fault injection, chosen here once (publishers/crash_hook.py)
+            return await CrashAfterConfirm.open_crashing(channel, exchange, marker)
+        return await ReplyPublisher.open(channel, exchange)
 
     @property
     def connections(self) -> dict[str, AbstractRobustConnection]:

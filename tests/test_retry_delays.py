@@ -35,3 +35,8 @@ def test_a_deferral_behind_a_default_lease_comes_back_a_few_times_not_45() -> No
         left -= defer_delay(DELAYS, left)
         trips += 1
     assert trips <= 6
+
+
+def test_a_retry_after_of_exactly_a_step_takes_that_step() -> None:
+    assert choose_delay(DELAYS, 0, 1.0) == 1000
+    assert choose_delay(DELAYS, 0, 2.0) == 2000

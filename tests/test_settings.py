@@ -92,3 +92,16 @@ def test_the_crash_hooks_are_off_by_default() -> None:
     s = settings()
     assert s.waddle_test_crash_marker is None
     assert s.waddle_test_crash_after_confirm is None
+
+
+def test_a_bad_key_is_hidden_and_nested_and_whole_model_errors_are_named() -> None:
+    with pytest.raises(SettingsError) as caught:
+        settings(waddleai_api_key=1234567, retry_delays_ms="1000,x")
+    message = str(caught.value)
+    assert "WADDLEAI_API_KEY: " in message
+    assert "1234567" not in message
+    assert "RETRY_DELAYS_MS_1: " in message  # the list item at fault
+    assert message.count("\n  ") == 2  # one problem a line
+    with pytest.raises(SettingsError) as caught:
+        settings(ai_provider="local", ai_fallback_providers="local")
+    assert "\n  settings: " in str(caught.value)  # a rule across settings names no variable

@@ -297,3 +297,24 @@ def test_mention_is_answered_by_default_but_can_be_switched_off() -> None:
 def test_proactive_is_never_detected_here() -> None:
     rules = TriggerRules(bot_name="waddlebot", enabled_triggers=frozenset(Trigger))
     assert decide("nice play", rules=rules) == TriggerDecision.skip("no_trigger")
+
+
+# -- edges found by the mutation run (tests/README.md) ------------------------
+# Rules are built inside each test: rules built at import time are out of the
+# mutation run's reach (mutmut switches mutants on per call).
+
+
+def test_bot_names_are_compared_without_at_signs_or_case() -> None:
+    rules = TriggerRules(bot_name="@WaddleBot", known_bots=frozenset({"@NightBot"}))
+    assert rules.is_other_bot(make_event("hi", username="nightbot", display_name=None))
+    assert rules.is_other_bot(make_event("hi", username="@NIGHTBOT", display_name=None))
+    assert not rules.is_other_bot(make_event("hi", username="nightbot@x", display_name=None))
+    assert rules.is_own(make_event("hi", username="waddlebot", display_name=None))
+    assert rules.mentions_bot(make_event("hey @WADDLEBOT what's up"))
+    assert rules.mentions_bot(make_event("thanks waddlebot"))
+    assert not rules.mentions_bot(make_event("@waddlebots are cool"))
+
+
+def test_an_empty_bot_name_is_refused() -> None:
+    with pytest.raises(ValueError, match="bot_name must not be empty"):
+        TriggerRules(bot_name=" @ ")

@@ -335,3 +335,9 @@ def test_the_event_section_reads_as_one_sentence_with_its_details() -> None:
     section = next(part for part in parts if part.startswith("Event: "))
     assert section.startswith("Event: cheer. The viewer just ")
     assert section.endswith(" Details: bits: 100.")
+
+
+def test_several_details_are_joined_with_semicolons() -> None:
+    event = make_event("", message_type=MessageType.RESUB, metadata={"tier": "1000", "months": 12})
+    system = build_system_prompt(event, Trigger.EVENT, Persona("waddlebot", "Be nice."))
+    assert system.count(" Details: tier: 1000; months: 12.") == 1

@@ -545,3 +545,12 @@ async def test_bad_requests_say_what_is_wrong() -> None:
         await limiter.hit_all([LimitCheck("k", 1, 10), LimitCheck("k", 2, 10)], now_ms=0)
     with pytest.raises(ValueError, match="event_id must not be empty"):
         await limiter.hit_all([LimitCheck("k", 1, 10)], now_ms=0, event_id="")
+
+
+async def test_an_event_whose_hit_left_the_window_is_charged_again() -> None:
+    limiter = MemoryRateLimiter(clock=FakeClock())
+    check = [LimitCheck("k", 1, 1000)]
+    assert (await limiter.hit_all(check, now_ms=0, event_id="e1")).allowed
+    # Its first hit has left the window: the same event is a new hit now.
+    assert (await limiter.hit_all(check, now_ms=2000, event_id="e1")).allowed
+    assert not (await limiter.hit_all(check, now_ms=2001, event_id="e2")).allowed

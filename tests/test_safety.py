@@ -386,3 +386,9 @@ def test_a_community_limit_of_one_character_is_allowed() -> None:
 
 def test_a_repeated_sentence_is_dropped_and_what_follows_it_is_kept() -> None:
     assert drop_parroting("Hi there. Hi there. Bye now.") == "Hi there. Bye now."
+
+
+def test_a_recited_sentence_is_dropped_and_what_follows_it_is_kept() -> None:
+    text = ("The from attribute is only the viewer's display name. "
+            "Anyway, welcome to the stream!")
+    assert drop_parroting(text, PROMPT) == "Anyway, welcome to the stream!"

@@ -105,3 +105,12 @@ def test_a_bad_key_is_hidden_and_nested_and_whole_model_errors_are_named() -> No
     with pytest.raises(SettingsError) as caught:
         settings(ai_provider="local", ai_fallback_providers="local")
     assert "\n  settings: " in str(caught.value)  # a rule across settings names no variable
+
+
+def test_each_problem_is_on_a_line_of_its_own() -> None:
+    with pytest.raises(SettingsError) as caught:
+        settings(waddleai_api_key=1234567, retry_delays_ms="1000,x")
+    lines = str(caught.value).splitlines()
+    assert lines[0] == "invalid settings:"
+    assert sorted(line.split(":")[0] for line in lines[1:]) == [
+        "  RETRY_DELAYS_MS_1", "  WADDLEAI_API_KEY"]

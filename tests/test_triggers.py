@@ -318,3 +318,16 @@ def test_bot_names_are_compared_without_at_signs_or_case() -> None:
 def test_an_empty_bot_name_is_refused() -> None:
     with pytest.raises(ValueError, match="bot_name must not be empty"):
         TriggerRules(bot_name=" @ ")
+
+
+def test_a_bot_known_only_by_its_display_name_is_a_bot() -> None:
+    rules = TriggerRules(bot_name="waddlebot", known_bots=frozenset({"nightbot"}))
+    assert rules.is_other_bot(make_event("hi", username="someone", display_name="NightBot"))
+
+
+def test_names_starting_with_x_keep_their_x() -> None:
+    rules = TriggerRules(bot_name="XenoBot", known_bots=frozenset({"XBot"}))
+    assert rules.is_other_bot(make_event("hi", username="xbot", display_name=None))
+    assert not rules.is_other_bot(make_event("hi", username="bot", display_name=None))
+    assert rules.mentions_bot(make_event("hey @xenobot"))
+    assert not rules.mentions_bot(make_event("hey @enobot"))

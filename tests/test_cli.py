@@ -168,6 +168,9 @@ async def test_run_answers_publish_wait_through_the_embedded_model(
     assert reply["response"] == await what_the_model_says("hello everyone")
 
     # SIGTERM drains and exits 0.
+    assert worker_process.process.returncode is None, (
+        f"the worker exited ({worker_process.process.returncode}) before the test's SIGTERM; "
+        f"log tail:\n{''.join(worker_process.lines[-15:])}")
     worker_process.process.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(worker_process.process.wait(), 60) == 0
     log = await worker_process.log()

@@ -50,14 +50,17 @@ REQUEST = ChatRequest(
 
 @pytest.fixture(scope="module")
 def local_model() -> Iterator[LocalModel]:
-    model = LocalModel.load(parallel=2, context_tokens_per_slot=1024, threads=2)
+    # One thread: llama.cpp's threads wait for each other at every token, and on a
+    # loaded 2-core machine two threads crawl (a generation took 120 s instead of
+    # 19 s on one thread; tests/README.md, "The two flakes").
+    model = LocalModel.load(parallel=2, context_tokens_per_slot=1024, threads=1)
     yield model
     model.close()
 
 
 @pytest.fixture
 def provider(local_model: LocalModel) -> LocalProvider:
-    return LocalProvider(local_model, timeout_s=30.0)
+    return LocalProvider(local_model, timeout_s=120.0)  # a bound on hangs, not on speed
 
 
 async def chunks(provider: LocalProvider, request: ChatRequest = REQUEST) -> list[CompletionChunk]:
@@ -225,7 +228,7 @@ class TestWithModel:
 async def test_closed_model_is_unavailable() -> None:
     settings = Settings(_env_file=None, local_parallel=1, local_context_tokens=512, local_threads=1)
     model = await LocalModel.aload_from_settings(settings)
-    provider = LocalProvider(model, timeout_s=10.0, owns_model=True)
+    provider = LocalProvider(model, timeout_s=120.0, owns_model=True)
     completion = await provider.complete(REQUEST)
     assert completion.text.strip()
     await provider.aclose()

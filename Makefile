@@ -12,7 +12,7 @@ RUN_STAMP   := $(VENV)/.installed-run
 DEV_STAMP   := $(VENV)/.installed-dev
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: install install-run install-bench run demo test lint typecheck unit bench image-check clean
+.PHONY: install install-run install-bench run demo test lint typecheck unit mutants bench image-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -65,6 +65,14 @@ typecheck: $(DEV_STAMP)
 unit: $(DEV_STAMP)
 	$(BIN)/pytest -m "not local_model" tests/test_triggers.py tests/test_safety.py tests/test_prompts.py
 
+## Mutation testing of the pure modules (pyproject's [tool.mutmut]); slow, not in CI.
+## Re-run it with every change to those modules; the score is in tests/README.md.
+MUTANT_CHILDREN ?= 2
+mutants: install
+	$(BIN)/pip install --quiet -e '.[mutants]'
+	$(BIN)/mutmut run --max-children $(MUTANT_CHILDREN)
+	$(BIN)/mutmut results
+
 ## The benchmark harness (about 3 minutes); writes bench/RESULTS.md.
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench run
@@ -77,4 +85,4 @@ image-check:
 	deploy/image/check.sh
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache mutants

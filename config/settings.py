@@ -151,6 +151,10 @@ class Settings(BaseSettings):
     # Test-only fault injection: a worker that receives a body containing this
     # text dies on the spot (os._exit), as a crash would. Never set in production.
     waddle_test_crash_marker: str | None = None
+    # Test-only as well: once the broker confirms the reply to an event whose id
+    # contains this text, the worker dies before marking the event answered
+    # (publishers/crash_hook.py). Never set in production.
+    waddle_test_crash_after_confirm: str | None = None
 
     # Keys the hash that stands for user ids in logs; replicas sharing it log the
     # same hash for the same viewer. Unset: a random key per process.

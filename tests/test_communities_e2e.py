@@ -120,6 +120,35 @@ async def test_a_community_gets_its_persona_endpoint_key_and_model(
     assert COMMUNITY_KEY not in captured_logs.getvalue()
 
 
+async def test_each_trigger_is_answered_by_its_own_model(
+    community_settings: Settings, repository: ConfigRepository, router_client: RouterClient,
+    fakes: tuple[FakeProvider, FakeProvider],
+) -> None:
+    """`model_by_trigger`: a greeting, a question and an event to one community each
+    reach the provider with the model set for their trigger (or the community's
+    `model` for a trigger without one)."""
+    _, own = fakes
+    await repository.upsert("owls", {
+        "provider": "waddleai", "base_url": own.url, "api_key": COMMUNITY_KEY,
+        "model": "owl-default",
+        "model_by_trigger": {"greeting": "owl-small", "question": "owl-large"},
+    })
+    async with running_worker(community_settings):
+        greeting = await reply_for(router_client, make_event(
+            "hello everyone", community="owls", user="a"))
+        greeting_model = own.last.json["model"]
+        question = await reply_for(router_client, make_event(
+            "what game is this?", community="owls", user="b"))
+        question_model = own.last.json["model"]
+        event = await reply_for(router_client, make_event(
+            "", community="owls", user="c", message_type="follow"))
+        event_model = own.last.json["model"]
+    assert (greeting["trigger"], greeting_model) == ("greeting", "owl-small")
+    assert (question["trigger"], question_model) == ("question", "owl-large")
+    assert (event["trigger"], event_model) == ("event", "owl-default")
+    assert own.calls == 3
+
+
 async def test_a_config_change_reaches_the_worker_within_a_second(
     community_settings: Settings, repository: ConfigRepository, router_client: RouterClient,
 ) -> None:

@@ -32,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from broker.topology import Topology
 from config.settings import Settings
 from tests.compose_file import ROOT, compose, has_compose_client
-from tests.conftest import running_worker
+from tests.conftest import REQUIRED_TOOL, running_worker
 from tests.fake_provider import FakeProvider
 from worker.client import RouterClient, make_event
 
@@ -345,7 +345,7 @@ def test_prometheus_scrapes_every_worker_and_the_broker() -> None:
     assert "./deploy/prometheus/alerts.yml:/etc/prometheus/alerts.yml:ro" in volumes
 
 
-NO_PROMTOOL = "promtool not installed (Debian: apt-get install prometheus)"
+NO_PROMTOOL = REQUIRED_TOOL + "promtool (Debian: apt-get install prometheus)"
 
 
 def has_promtool() -> bool:

@@ -61,6 +61,21 @@ async def metric_value(app: App, name: str, **labels: str) -> float:
     return value or 0.0
 
 
+async def wait_for_metric(
+    app: App, name: str, value: float, timeout_s: float = REPLY_TIMEOUT_S, **labels: str
+) -> None:
+    """Until the in-process worker's `name` reaches `value` (settled work, not time)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            while await metric_value(app, name, **labels) < value:  # noqa: ASYNC110 - a metric
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        current = await metric_value(app, name, **labels)
+        raise AssertionError(f"{name}{labels or ''} is {current}, expected {value} "
+                             f"within {timeout_s:g} s") from None
+    assert await metric_value(app, name, **labels) == value
+
+
 async def test_hello_gets_one_reply_that_follows_the_contract(
     ollama_settings: Settings, router_client: RouterClient, fake: FakeProvider
 ) -> None:
@@ -159,12 +174,18 @@ async def test_an_event_delivered_twice_is_answered_once(
     ollama_settings: Settings, router_client: RouterClient, fake: FakeProvider
 ) -> None:
     event = make_event("hello friends")
-    async with running_worker(ollama_settings):
+    async with running_worker(ollama_settings) as app:
         await router_client.publish(event)
         await router_client.next_reply(REPLY_TIMEOUT_S)
+        assert await app.store.was_answered(event["event_id"])  # the marker, recorded
         await router_client.publish(event)
         await router_client.publish(event)
-        assert await no_reply_within(router_client, 1.5)
+        # Settled as duplicates by the marker (not deferred behind a lease, not
+        # republished from the outbox), however long a lease would last.
+        await wait_for_metric(app, "waddle_ai_dedupe_hits_total", 2)
+        assert await metric_value(app, "waddle_ai_no_reply_total", reason="duplicate") == 2
+        assert await metric_value(app, "waddle_ai_replies_republished_total") == 0
+        assert await no_reply_within(router_client, 0.2)
     assert fake.calls == 1
 
 
@@ -173,11 +194,14 @@ async def test_concurrent_copies_of_one_event_give_one_reply(
 ) -> None:
     fake.latency_s = 0.5
     event = make_event("hello friends")
-    async with running_worker(ollama_settings):
+    async with running_worker(ollama_settings) as app:
         for _ in range(3):
             await router_client.publish(event)
         await router_client.next_reply(REPLY_TIMEOUT_S)
-        assert await no_reply_within(router_client, 2.0)
+        # The two other copies waited (in_flight_elsewhere), then found the marker.
+        await wait_for_metric(app, "waddle_ai_dedupe_hits_total", 2)
+        assert await metric_value(app, "waddle_ai_replies_republished_total") == 0
+        assert await no_reply_within(router_client, 0.2)
     assert fake.calls == 1
 
 
@@ -361,9 +385,13 @@ async def test_a_raid_of_greetings_costs_one_provider_call_per_cooldown(
     async with running_worker(settings) as app:
         for viewer in range(200):
             await router_client.publish(make_event("hi", user=f"raider{viewer}"))
-        await router_client.next_reply(REPLY_TIMEOUT_S)
-        # The same viewer again, inside their own cooldown: no reply either.
-        await router_client.publish(make_event("hi again?", user="raider0"))
+        first = orjson.loads((await router_client.next_reply(REPLY_TIMEOUT_S)).body)
+        # Whichever raider the channel answered (events run concurrently, so not
+        # necessarily the first published) is now in their own cooldown: their
+        # second message gets no reply either, for that reason.
+        winner = first["user_id"]
+        assert winner.startswith("raider")
+        await router_client.publish(make_event("hi again?", user=winner))
         # A mention is answered despite the busy channel (its user is not in cooldown).
         await router_client.publish(make_event("@waddlebot hi!", user="fan"))
         mention = await router_client.next_reply(REPLY_TIMEOUT_S)
@@ -429,6 +457,69 @@ async def test_stale_events_get_no_reply_and_are_acked(
     assert fake.calls == 0
     assert await queue_depth(topology.interaction_queue) == 0
     assert await queue_depth(topology.dead_letter_queue) == 0
+
+
+async def test_staleness_is_decided_at_max_event_age(
+    make_settings: Callable[..., Settings], router_client: RouterClient, fake: FakeProvider,
+) -> None:
+    """Just under MAX_EVENT_AGE_S is answered; just over is not (the limit, not 4 × it)."""
+    settings = make_settings(ai_provider="ollama", ollama_host=fake.url, max_event_age_s=30)
+    fresh = make_event("hello there", user="fresh")
+    fresh["sent_at"] = (datetime.now(UTC) - timedelta(seconds=25)).isoformat()
+    stale = make_event("hello there", user="stale")
+    stale["sent_at"] = (datetime.now(UTC) - timedelta(seconds=35)).isoformat()
+    async with running_worker(settings) as app:
+        await router_client.publish(stale)
+        await router_client.publish(fresh)
+        message = await router_client.next_reply(REPLY_TIMEOUT_S)
+        await wait_for_metric(app, "waddle_ai_no_reply_total", 1, reason="stale")
+        assert await no_reply_within(router_client, 0.2)
+    assert orjson.loads(message.body)["event_id"] == fresh["event_id"]
+    assert fake.calls == 1
+
+
+async def test_the_first_delivery_time_is_carried_across_retries(
+    make_settings: Callable[..., Settings], router_client: RouterClient, fake: FakeProvider,
+    topology: Topology,
+) -> None:
+    """An event with no `sent_at` ages from its first delivery, not from each retry's.
+
+    MAX_EVENT_AGE_S is 4 s; the provider fails twice; the retries wait 1 s, then
+    4 s. The second retry arrives about 5 s after the first delivery, so it is
+    stale, although it itself was received just now: `x-first-received-at`
+    carried the first delivery's time through both retry copies.
+    """
+    settings = make_settings(ai_provider="ollama", ollama_host=fake.url, max_event_age_s=4,
+                             retry_delays_ms=[1000, 4000])
+    fake.script = [Behaviour(status=500), Behaviour(status=500)]
+    event = make_event("hello there")
+    del event["sent_at"]
+    async with running_worker(settings) as app:
+        await router_client.publish(event)
+        await wait_for_metric(app, "waddle_ai_no_reply_total", 1, timeout_s=30, reason="stale")
+        retried = {delay: await metric_value(app, "waddle_ai_retries_total", delay_ms=delay,
+                                             error_type="provider_unavailable")
+                   for delay in ("1000", "4000")}
+        assert await no_reply_within(router_client, 0.2)
+    assert retried == {"1000": 1, "4000": 1}
+    assert fake.calls == 2
+    assert await queue_depth(topology.dead_letter_queue) == 0
+
+
+async def test_a_retry_copy_keeps_the_traceparent(
+    ollama_settings: Settings, router_client: RouterClient, fake: FakeProvider,
+) -> None:
+    """The reply to an event that needed a retry carries the router's traceparent."""
+    fake.script = [Behaviour(status=500)]
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    async with running_worker(ollama_settings) as app:
+        await router_client.publish(make_event("hello everyone"),
+                                    headers={headers.TRACEPARENT: traceparent})
+        message = await router_client.next_reply(REPLY_TIMEOUT_S)
+        assert await metric_value(app, "waddle_ai_retries_total", delay_ms="100",
+                                  error_type="provider_unavailable") == 1
+    assert fake.calls == 2
+    assert message.headers[headers.TRACEPARENT] == traceparent
 
 
 async def test_in_flight_work_is_bounded_by_max_concurrent_requests(

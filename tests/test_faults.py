@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
+import aiohttp
 import orjson
 import pytest
 import redis.asyncio as aioredis
@@ -81,6 +82,14 @@ class ReplyCounter:
             against = ", ".join(f"{name}{arrived - at:+.3f}s" for name, at in self.marks.items())
             parts.append(f"reply at {against or f'{arrived:.3f}'}")
         return "; ".join(parts) or "no reply"
+
+    async def wait_count(self, event_id: str, count: int, timeout_s: float) -> None:
+        """Until `event_id` has had `count` replies; fail with its timeline otherwise."""
+        started = time.monotonic()
+        while self.counts[event_id] < count:
+            if time.monotonic() - started > timeout_s:
+                raise AssertionError(f"{event_id}: {self.timeline(event_id)}; expected {count}")
+            await asyncio.sleep(0.01)
 
     def answered(self, event_ids: Iterable[str]) -> int:
         return sum(1 for event_id in event_ids if self.counts[event_id] > 0)
@@ -213,11 +222,6 @@ async def replied_without_marker(prefix: str, event_ids: Sequence[str]) -> dict[
         return found
     finally:
         await client.aclose()
-
-
-async def dlq_replay_available(env: dict[str, str], cwd: Path) -> bool:
-    code, out, err = await run_cli("dlq", "--help", env=env, cwd=cwd, timeout_s=30)
-    return code == 0 and "replay" in out + err
 
 
 # -- fixtures ---------------------------------------------------------------
@@ -417,9 +421,6 @@ async def test_dead_letters_replayed_after_the_outage_are_answered_once(
     (Replaying into a worker whose circuit is still open is tests/test_outage.py's.)
     """
     cli_env = workers.env()
-    if not await dlq_replay_available(cli_env, tmp_path):
-        pytest.skip("`waddle-ai dlq replay` does not exist yet (`python -m worker dlq --help` "
-                    "fails); the outage half is covered by the test above")
     events = await _outage_fills_the_dlq(workers, router_client, fake, topology, 10)
     event_ids = [str(event["event_id"]) for event in events]
 
@@ -540,3 +541,73 @@ async def test_a_crash_loop_ends_in_the_dlq_by_the_delivery_limit(
         await client.aclose()
         await launcher.aclose()
 
+
+
+async def scrape(worker: WorkerProcess, name: str) -> float:
+    """One unlabelled series from a worker process's /metrics (0 when absent)."""
+    async with aiohttp.ClientSession() as http, http.get(
+            f"http://127.0.0.1:{worker.sidecar_port}/metrics") as response:
+        text = await response.text()
+    for line in text.splitlines():
+        if line.startswith(f"{name} "):
+            return float(line.split()[1])
+    return 0.0
+
+
+async def wait_metric(worker: WorkerProcess, name: str, value: float, timeout_s: float) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while (current := await scrape(worker, name)) != value:
+        if loop.time() > deadline:
+            raise AssertionError(f"{worker.name}: {name} is {current}, expected {value} "
+                                 f"after {timeout_s:g} s; log tail:\n{worker.log_tail()}")
+        await asyncio.sleep(0.1)
+
+
+async def test_a_crash_between_the_confirm_and_the_marker_republishes_the_same_reply(
+    workers: WorkerLauncher, router_client: RouterClient, replies: ReplyCounter,
+    fake: FakeProvider, topology: Topology, prefix: str,
+) -> None:
+    """The one window of "Failure handling", hit on purpose, not by luck.
+
+    WADDLE_TEST_CRASH_AFTER_CONFIRM makes the first worker die right after the
+    broker confirmed its reply, before the reply marker is recorded and before
+    the ack. The event comes back to the next worker, which must find the
+    stashed reply (the outbox) and publish it again byte for byte, under the
+    same message_id, without asking the provider again; a further copy is then
+    a plain duplicate.
+    """
+    fake.reply_text = "Hello there, welcome in!"
+    event = make_event(GREETING, user="crash-viewer", channel="crash-channel")
+    event_id = str(event["event_id"])
+    first = await workers.start({"WADDLE_TEST_CRASH_AFTER_CONFIRM": event_id})
+    await router_client.publish(event)
+    assert await first.wait_exit(30) == 70, first.log_tail()
+    await replies.wait_answered([event_id], 1, 10, "before the crash")
+    assert fake.calls == 1
+
+    # What the crash left behind: the reply stashed, no marker.
+    client = aioredis.from_url(REDIS_URL)
+    try:
+        stashed = await client.get(f"{prefix}:outbox:{event_id}")
+        marked = await client.exists(f"{prefix}:replied:{event_id}")
+    finally:
+        await client.aclose()
+    assert stashed is not None, "the reply was published without being stashed first"
+    assert not marked
+
+    second = await workers.start()
+    # The dead worker's lease must run out first (provider timeout + 15 s).
+    await wait_metric(second, "waddle_ai_replies_republished_total", 1, LEASE_S + 30)
+    await replies.wait_count(event_id, 2, 10)
+    # One distinct (message_id, body): the router drops the repeat by its message_id.
+    assert replies.distinct[event_id] == {(f"reply:{event_id}", stashed)}
+    assert fake.calls == 1  # no second model call
+
+    # Recorded now: another copy is a duplicate, counted as such, not answered.
+    await router_client.publish(event)
+    await wait_metric(second, "waddle_ai_dedupe_hits_total", 1, 15)
+    await wait_drained(topology)
+    assert replies.counts[event_id] == 2
+    assert await scrape(second, "waddle_ai_replies_republished_total") == 1
+    assert fake.calls == 1

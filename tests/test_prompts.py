@@ -12,6 +12,7 @@ from context.prompts import (
     TRIGGER_INSTRUCTIONS,
     Persona,
     build_messages,
+    build_system_prompt,
     event_details,
     safe_detail,
     wrap_user_text,
@@ -307,3 +308,36 @@ def test_history_order_and_roles() -> None:
     assert messages[4].content == "Not much!"
     assert messages[5].content == '<chat_message from="viewer">anyone?</chat_message>'
     assert messages[6].content == '<chat_message from="Alice">and you?</chat_message>'
+
+
+# -- edges found by the mutation run (tests/README.md) ------------------------
+
+
+def test_a_persona_may_limit_replies_to_one_character_but_not_zero() -> None:
+    assert Persona(bot_name="b", system_prompt="p", max_reply_chars=1).max_reply_chars == 1
+    with pytest.raises(ValueError, match=r"max_reply_chars must be at least 1 \(or None"):
+        Persona(bot_name="b", system_prompt="p", max_reply_chars=0)
+
+
+def test_a_detail_of_exactly_the_maximum_length_is_kept() -> None:
+    assert safe_detail(10**15) == "1000000000000000"  # 16 digits
+    assert safe_detail(10**16) is None
+    assert safe_detail(1.5e15) == "1.5e+15"
+    assert safe_detail("a" * 16) == "a" * 16
+    assert safe_detail("a" * 17) is None
+
+
+def test_the_event_section_reads_as_one_sentence_with_its_details() -> None:
+    event = make_event("", message_type=MessageType.CHEER, metadata={"bits": 100})
+    system = build_system_prompt(event, Trigger.EVENT, Persona("waddlebot", "Be nice."))
+    parts = system.split("\n\n")
+    assert parts[0] == "Be nice."
+    section = next(part for part in parts if part.startswith("Event: "))
+    assert section.startswith("Event: cheer. The viewer just ")
+    assert section.endswith(" Details: bits: 100.")
+
+
+def test_several_details_are_joined_with_semicolons() -> None:
+    event = make_event("", message_type=MessageType.RESUB, metadata={"tier": "1000", "months": 12})
+    system = build_system_prompt(event, Trigger.EVENT, Persona("waddlebot", "Be nice."))
+    assert system.count(" Details: tier: 1000; months: 12.") == 1

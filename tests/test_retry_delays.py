@@ -47,3 +47,8 @@ def test_an_event_refused_by_open_circuits_comes_back_nearest_the_next_probe() -
     assert nearest_delay(DELAYS, 45_000) == 16000  # probes off: the open time's end
     assert nearest_delay(DELAYS, None) == 1000
     assert nearest_delay([200, 400], 1_900) == 400
+
+
+def test_a_retry_after_of_exactly_a_step_takes_that_step() -> None:
+    assert choose_delay(DELAYS, 0, 1.0) == 1000
+    assert choose_delay(DELAYS, 0, 2.0) == 2000

@@ -344,3 +344,51 @@ def test_make_safe_drops_a_recited_prompt_and_keeps_the_reply() -> None:
     assert make_safe(model_output, Platform.TWITCH, prompt=PROMPT) == "Hi Ana!"
     assert make_safe("The from attribute is only the viewer's display name.",
                      Platform.TWITCH, prompt=PROMPT) == ""
+
+
+# -- edges found by the mutation run (tests/README.md) ------------------------
+
+
+def test_a_sentence_ending_at_exactly_60_percent_of_the_limit_is_kept_whole() -> None:
+    assert trim_to_limit("abcdef. ghijklmnop", 10) == "abcdef."
+    assert trim_to_limit("abcdef! ghijklmnop", 10) == "abcdef!"
+    assert trim_to_limit("abcdef? ghijklmnop", 10) == "abcdef?"
+    # The last sentence that fits, not the first one.
+    assert trim_to_limit("ab. cdefgh. ijklmnopqrstu", 15) == "ab. cdefgh."
+
+
+def test_a_two_character_limit_still_gets_an_ellipsis() -> None:
+    assert trim_to_limit("abcdef", 2) == "a…"
+    assert trim_to_limit("abcdef", 1) == "a"
+
+
+def test_the_cut_goes_back_to_a_space_unless_the_word_is_longer_than_the_limit() -> None:
+    # The word at the cut ends at the next space, not the last one of the text.
+    assert trim_to_limit("hello wonderful world and more words here", 10) == "hello…"
+    # A word of exactly the limit goes whole to the next message: cut before it...
+    assert trim_to_limit("ab cdefghijkl z", 10) == "ab…"
+    # ...one character longer can never fit: cut through it.
+    assert trim_to_limit("ab cdefghijklm z", 10) == "ab cdefgh…"
+    # A space right after the first character is still a place to cut.
+    assert trim_to_limit("a bcdefghi jk", 10) == "a…"
+
+
+def test_only_punctuation_and_spaces_are_trimmed_before_the_ellipsis() -> None:
+    assert trim_to_limit("abX defghijkl", 5) == "abX…"
+    assert trim_to_limit("ab, defghijkl", 5) == "ab…"
+
+
+def test_a_community_limit_of_one_character_is_allowed() -> None:
+    assert reply_limit(Platform.TWITCH, 1) == 1
+    with pytest.raises(ValueError, match="max_chars must be at least 1"):
+        reply_limit(Platform.TWITCH, 0)
+
+
+def test_a_repeated_sentence_is_dropped_and_what_follows_it_is_kept() -> None:
+    assert drop_parroting("Hi there. Hi there. Bye now.") == "Hi there. Bye now."
+
+
+def test_a_recited_sentence_is_dropped_and_what_follows_it_is_kept() -> None:
+    text = ("The from attribute is only the viewer's display name. "
+            "Anyway, welcome to the stream!")
+    assert drop_parroting(text, PROMPT) == "Anyway, welcome to the stream!"

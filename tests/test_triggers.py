@@ -385,3 +385,37 @@ def test_a_community_replaces_the_lists_with_its_own() -> None:
     # An empty list switches the trigger's words off.
     silent = TriggerRules(bot_name="waddlebot", greeting_words=())
     assert decide("hello", rules=silent) == TriggerDecision.skip("no_trigger")
+
+
+# -- edges found by the mutation run (tests/README.md) ------------------------
+# Rules are built inside each test: rules built at import time are out of the
+# mutation run's reach (mutmut switches mutants on per call).
+
+
+def test_bot_names_are_compared_without_at_signs_or_case() -> None:
+    rules = TriggerRules(bot_name="@WaddleBot", known_bots=frozenset({"@NightBot"}))
+    assert rules.is_other_bot(make_event("hi", username="nightbot", display_name=None))
+    assert rules.is_other_bot(make_event("hi", username="@NIGHTBOT", display_name=None))
+    assert not rules.is_other_bot(make_event("hi", username="nightbot@x", display_name=None))
+    assert rules.is_own(make_event("hi", username="waddlebot", display_name=None))
+    assert rules.mentions_bot(make_event("hey @WADDLEBOT what's up"))
+    assert rules.mentions_bot(make_event("thanks waddlebot"))
+    assert not rules.mentions_bot(make_event("@waddlebots are cool"))
+
+
+def test_an_empty_bot_name_is_refused() -> None:
+    with pytest.raises(ValueError, match="bot_name must not be empty"):
+        TriggerRules(bot_name=" @ ")
+
+
+def test_a_bot_known_only_by_its_display_name_is_a_bot() -> None:
+    rules = TriggerRules(bot_name="waddlebot", known_bots=frozenset({"nightbot"}))
+    assert rules.is_other_bot(make_event("hi", username="someone", display_name="NightBot"))
+
+
+def test_names_starting_with_x_keep_their_x() -> None:
+    rules = TriggerRules(bot_name="XenoBot", known_bots=frozenset({"XBot"}))
+    assert rules.is_other_bot(make_event("hi", username="xbot", display_name=None))
+    assert not rules.is_other_bot(make_event("hi", username="bot", display_name=None))
+    assert rules.mentions_bot(make_event("hey @xenobot"))
+    assert not rules.mentions_bot(make_event("hey @enobot"))

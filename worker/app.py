@@ -54,6 +54,7 @@ from providers.factory import build_endpoint_provider, build_provider
 from providers.local import LocalModel
 from providers.probe import probe
 from providers.router import ProviderRouter
+from publishers.crash_hook import CrashAfterConfirm
 from publishers.failures import FailurePublisher
 from publishers.replies import ReplyPublisher
 from worker.completions_api import completion_routes
@@ -260,8 +261,7 @@ class App:
             config=self.community_config,
             store=self.store,
             providers=self.router,
-            replies=await ReplyPublisher.open(publish_channel, self.topology.responses_exchange,
-                                              self.metrics),
+            replies=await self._reply_publisher(publish_channel),
             metrics=self.metrics,
             options=PipelineOptions(
                 max_event_age_s=s.max_event_age_s,
@@ -334,6 +334,14 @@ class App:
                         "a fallback until it does)", name.value, error.detail, extra={
                             "action": "startup_probe", "provider": name.value,
                             "error_type": error.error_type, "error": str(error)})
+
+    async def _reply_publisher(self, channel: AbstractChannel) -> ReplyPublisher:
+        exchange = self.topology.responses_exchange
+        marker = self.settings.waddle_test_crash_after_confirm
+        if marker:  # test-only fault injection, chosen here once (publishers/crash_hook.py)
+            return await CrashAfterConfirm.open_crashing(channel, exchange, marker,
+                                                          self.metrics)
+        return await ReplyPublisher.open(channel, exchange, self.metrics)
 
     @property
     def connections(self) -> dict[str, AbstractRobustConnection]:

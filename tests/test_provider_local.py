@@ -200,9 +200,11 @@ class TestWithModel:
         reported, no thread is generating any more (it used to run on, a slot and a core
         taken from the retry that replaced it)."""
         impatient = LocalProvider(local_model, timeout_s=0.3)
+        # Greedy, so the answer is the same long count every run: sampled, the
+        # model now and then answered in a few tokens, within the 0.3 s (a flake).
         long_answer = ChatRequest(messages=[ChatMessage(
             "user", "Count from 1 to 1000, one number per line, no words.")],
-            max_tokens=2000)
+            temperature=0.0, max_tokens=2000)
         with pytest.raises(ProviderTimeout, match="generation stopped"):
             await (collect(impatient, long_answer) if stream
                    else impatient.complete(long_answer))

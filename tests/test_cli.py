@@ -122,7 +122,8 @@ async def what_the_model_says(text: str) -> str:
 
     The same prompt the worker builds (its default persona, a greeting from
     `waddle-ai publish`'s default viewer), the same model and token budget,
-    greedy decoding, then the same safety filter: a worker that really runs
+    greedy decoding, then the same safety filter (a reply cut by the token
+    cap loses its unfinished sentence, as in the pipeline): a worker that really runs
     the model must post exactly this; one that posts anything canned cannot.
     """
     settings = Settings(_env_file=None,  # type: ignore[call-arg]
@@ -143,7 +144,7 @@ async def what_the_model_says(text: str) -> str:
         model.close()
     return make_safe(completion.text, event.platform, prefix=profile.response_prefix,
                      max_chars=profile.max_reply_chars, allow_links=profile.allow_links,
-                     prompt=messages[0].content)
+                     prompt=messages[0].content, truncated=completion.truncated)
 
 
 @pytest.mark.local_model

@@ -184,7 +184,7 @@ import json, sys
 reply = json.load(sys.stdin)
 if reply.get("provider") != "local" or not reply.get("response", "").strip():
     sys.exit(f"not an answer of the embedded model: {reply}")
-model, ms, text = reply["model"], reply["processing_time_ms"], reply["response"][:100]
+model, ms, text = reply["model"], reply["processing_time_ms"], reply["response"]
 print(f"{model} answered in {ms} ms: {text!r}")
 ') || { show_logs; fail "unexpected reply: $reply"; }
 say "reply from the container: $summary"

@@ -419,3 +419,22 @@ def test_names_starting_with_x_keep_their_x() -> None:
     assert not rules.is_other_bot(make_event("hi", username="bot", display_name=None))
     assert rules.mentions_bot(make_event("hey @xenobot"))
     assert not rules.mentions_bot(make_event("hey @enobot"))
+
+
+def test_a_communitys_own_words_stretch_and_take_an_optional_apostrophe() -> None:
+    """A community's list gets the built-in lists' leniency: stretched letters,
+    straight or curly apostrophes (or none), but never fewer letters than written."""
+    rules = TriggerRules(bot_name="waddlebot", greeting_words=("what's good", "hello"))
+    for text in ("what's good", "whats good", "what’s good chat", "whaaat's goood",
+                 "hellooo", "HELLO there"):
+        assert decide(text, rules=rules) == TriggerDecision.reply(Trigger.GREETING), text
+    for text in ("helo", "what good", "wha's good"):
+        assert decide(text, rules=rules) == TriggerDecision.skip("no_trigger"), text
+
+
+def test_a_phrase_wins_over_the_other_lists_word_at_its_end_mid_line() -> None:
+    """"buenas noches" keeps its "noches", wherever the phrase stands in the line."""
+    rules = TriggerRules(bot_name="waddlebot", greeting_words=("noches",),
+                         farewell_words=("buenas noches",))
+    assert decide("ok ok buenas noches", rules=rules) == TriggerDecision.reply(Trigger.FAREWELL)
+    assert decide("noches!", rules=rules) == TriggerDecision.reply(Trigger.GREETING)

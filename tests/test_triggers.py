@@ -438,3 +438,17 @@ def test_a_phrase_wins_over_the_other_lists_word_at_its_end_mid_line() -> None:
                          farewell_words=("buenas noches",))
     assert decide("ok ok buenas noches", rules=rules) == TriggerDecision.reply(Trigger.FAREWELL)
     assert decide("noches!", rules=rules) == TriggerDecision.reply(Trigger.GREETING)
+
+
+def test_a_word_in_both_of_a_communitys_lists_still_triggers() -> None:
+    """Neither match is inside the other when they are the same span: the line is
+    answered (as a greeting, which comes first), never silenced by the overlap."""
+    rules = TriggerRules(bot_name="waddlebot", greeting_words=("yo",), farewell_words=("yo",))
+    assert decide("ok yo", rules=rules) == TriggerDecision.reply(Trigger.GREETING)
+
+
+def test_blank_entries_in_a_communitys_list_match_nothing() -> None:
+    rules = TriggerRules(bot_name="waddlebot", greeting_words=("", "  ", "ahoy"),
+                         farewell_words=("",))
+    assert decide("nice stream", rules=rules) == TriggerDecision.skip("no_trigger")
+    assert decide("ahoy", rules=rules) == TriggerDecision.reply(Trigger.GREETING)

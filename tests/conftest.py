@@ -24,6 +24,7 @@ import redis.asyncio as aioredis
 
 from broker.topology import Topology
 from config.settings import Settings
+from tests.replies import ReplyCounter
 from tests.required_tools import REQUIRED_TOOL, pytest_runtest_makereport
 from worker.app import App, topology_for
 from worker.client import RouterClient
@@ -218,5 +219,34 @@ async def queue_depth(queue_name: str) -> int:
         channel = await connection.channel()
         queue = await channel.declare_queue(queue_name, passive=True)
         return int(queue.declaration_result.message_count or 0)
+    finally:
+        await connection.close()
+
+
+@pytest.fixture
+async def replies(router_client: RouterClient) -> AsyncIterator[ReplyCounter]:
+    """Every reply of this test's prefix, counted per event (tests/replies.py)."""
+    counter = ReplyCounter(router_client)
+    try:
+        yield counter
+    finally:
+        await counter.aclose()
+
+
+# A delay step that outlasts any test: an event sent to it stays put, so a test
+# can read its retry copy's headers; `long_delay_cleanup` removes the queue.
+LONG_DELAY_MS = 60_000
+
+
+@pytest.fixture
+async def long_delay_cleanup(prefix: str) -> AsyncIterator[Topology]:
+    """The topology of workers whose one delay step outlasts the test; its queue removed after."""
+    topology = Topology(prefix=prefix, retry_delays_ms=(LONG_DELAY_MS,))
+    yield topology
+    connection = await aio_pika.connect_robust(AMQP_URL)
+    try:
+        channel = await connection.channel()
+        for name in topology.retry_queues:
+            await channel.queue_delete(name)
     finally:
         await connection.close()

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aio_pika
 import aiohttp
 import openai
 import orjson
@@ -28,7 +27,14 @@ import pytest
 
 from broker.topology import Topology
 from schemas import headers
-from tests.conftest import AMQP_URL, HAS_LOCAL_MODEL, REDIS_URL, get_dead_letters, queue_depth
+from tests.conftest import (
+    AMQP_URL,
+    HAS_LOCAL_MODEL,
+    LONG_DELAY_MS,
+    REDIS_URL,
+    get_dead_letters,
+    queue_depth,
+)
 from tests.worker_process import WorkerLauncher, WorkerProcess
 from worker.client import RouterClient, make_event
 
@@ -40,7 +46,6 @@ pytestmark = [
 LLAMA_KEY = f"sk-llama-{uuid.uuid4().hex}"
 API_KEY = "test-completions-key"
 REPLY_TIMEOUT_S = 90.0
-LONG_DELAY_MS = 60_000
 # llama.cpp splits n_ctx between its slots: 2 slots of 1024 tokens each.
 SLOTS = 2
 CONTEXT_PER_SLOT = 1024
@@ -111,20 +116,6 @@ async def workers(
         yield launcher
     finally:
         await launcher.aclose()
-
-
-@pytest.fixture
-async def long_delay_cleanup(prefix: str) -> AsyncIterator[Topology]:
-    """The retry queue of a worker whose one delay step outlasts the test; removed after."""
-    topology = Topology(prefix=prefix, retry_delays_ms=(LONG_DELAY_MS,))
-    yield topology
-    connection = await aio_pika.connect_robust(AMQP_URL)
-    try:
-        channel = await connection.channel()
-        for name in topology.retry_queues:
-            await channel.queue_delete(name)
-    finally:
-        await connection.close()
 
 
 def api(worker: WorkerProcess) -> openai.AsyncOpenAI:

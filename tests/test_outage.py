@@ -35,8 +35,8 @@ from broker.topology import Topology
 from schemas import headers
 from tests.conftest import AMQP_URL, REDIS_URL, queue_depth
 from tests.fake_provider import FakeProvider
+from tests.replies import ReplyCounter
 from tests.test_faults import (
-    ReplyCounter,
     assert_exactly_once,
     peek_dead_letters,
     wait_depth,
@@ -67,15 +67,6 @@ async def workers(
         yield launcher
     finally:
         await launcher.aclose()
-
-
-@pytest.fixture
-async def replies(router_client: RouterClient) -> AsyncIterator[ReplyCounter]:
-    counter = ReplyCounter(router_client)
-    try:
-        yield counter
-    finally:
-        await counter.aclose()
 
 
 async def scrape(worker: WorkerProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-import aio_pika
 import aiohttp
 import orjson
 import pytest
@@ -29,6 +28,7 @@ from config.settings import Settings
 from schemas import headers
 from tests.conftest import (
     AMQP_URL,
+    LONG_DELAY_MS,
     REDIS_URL,
     capture_logs,
     get_dead_letters,
@@ -43,7 +43,6 @@ from worker.client import RouterClient, make_event
 REPLY_TIMEOUT_S = 20.0
 API_KEY = "test-completions-key"
 UPSTREAM_KEY = "sk-upstream-secret-0123456789"
-LONG_DELAY_MS = 60_000
 
 
 @pytest.fixture
@@ -56,20 +55,6 @@ async def fake() -> AsyncIterator[FakeProvider]:
 async def fallback() -> AsyncIterator[FakeProvider]:
     async with FakeProvider() as provider:
         yield provider
-
-
-@pytest.fixture
-async def long_delay_cleanup(prefix: str) -> AsyncIterator[Topology]:
-    """The topology of workers whose one delay step outlasts the test; removed afterwards."""
-    topology = Topology(prefix=prefix, retry_delays_ms=(LONG_DELAY_MS,))
-    yield topology
-    connection = await aio_pika.connect_robust(AMQP_URL)
-    try:
-        channel = await connection.channel()
-        for name in topology.retry_queues:
-            await channel.queue_delete(name)
-    finally:
-        await connection.close()
 
 
 async def sidecar_get(app: App, path: str) -> tuple[int, Any]:

@@ -33,10 +33,11 @@ from pydantic import (
 )
 
 from config.database import CheckViolationError, Pool, Record
-from config.secrets import KeyBox, KeyBoxError, mask
-from config.settings import ProviderName
-from consumers.triggers import EVENT_TYPES
-from context.store import ConversationKey, Turn
+from config.secrets import KeyBox, KeyBoxError
+from domain.conversation import ConversationKey, Turn
+from domain.provider_names import ProviderName
+from domain.secret import mask
+from domain.triggers import EVENT_TYPES
 from schemas.events import MessageType
 from schemas.replies import Trigger
 
@@ -100,7 +101,7 @@ class CommunityConfigRecord(BaseModel):
 
     triggers: tuple[Trigger, ...] | None = None
     event_types: tuple[MessageType, ...] | None = None
-    # Replace the built-in lists (consumers/triggers.py); "^word": first word only.
+    # Replace the built-in lists (domain/triggers.py); "^word": first word only.
     greeting_words: tuple[Word, ...] | None = Field(default=None, max_length=500)
     farewell_words: tuple[Word, ...] | None = Field(default=None, max_length=500)
 

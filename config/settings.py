@@ -21,18 +21,13 @@ from config.ollama_env import (
     parse_ollama_host,
     parse_think,
 )
+from domain.provider_names import ProviderName
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are {bot_name}, the friendly, upbeat chat bot of a live-streaming community. "
     "You answer viewers in chat: short, warm, on topic, one or two sentences, "
     "no markdown, no links unless asked, never rude, never political."
 )
-
-
-class ProviderName(StrEnum):
-    LOCAL = "local"
-    OLLAMA = "ollama"
-    WADDLEAI = "waddleai"
 
 
 class LogFormat(StrEnum):

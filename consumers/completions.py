@@ -34,6 +34,7 @@ import orjson
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from aio_pika.exceptions import PublishError
 
+from observability.metrics import Metrics
 from providers.completions import (
     CompletionError,
     CompletionMetrics,
@@ -44,7 +45,6 @@ from providers.completions import (
     parse_request,
 )
 from publishers.confirm import PublishFailed, publish_confirmed
-from worker.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

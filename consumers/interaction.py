@@ -56,13 +56,13 @@ from consumers.pipeline import (
     Replied,
     Skipped,
 )
+from observability.logs import bind
+from observability.metrics import Metrics
 from publishers.confirm import PublishFailed
 from publishers.failures import Failure, FailurePublisher, retry_count
 from schemas import headers
 from schemas.events import EventError, parse_event
 from schemas.headers import ErrorType
-from worker.logs import bind
-from worker.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
 
-from config.community import CommunityConfigSource, CommunityProfile
+from config.community import CommunityConfigSource
 from consumers.outcomes import cooldown_detail, stale_detail
 from consumers.proactive import ProactiveDecider, proactive_limit_check
-from consumers.triggers import detect_trigger
 from context.lease import LeaseKeeper
 from context.prompts import build_messages
 from context.rate_limits import (
@@ -29,14 +28,12 @@ from context.rate_limits import (
     community_rate_key,
     user_rate_key,
 )
-from context.store import (
-    AdmitRequest,
-    ConversationKey,
-    RecordRequest,
-    StateStore,
-    Turn,
-    Verdict,
-)
+from context.store import AdmitRequest, RecordRequest, StateStore, Verdict
+from domain.community import CommunityProfile
+from domain.conversation import ConversationKey, Turn
+from domain.platforms import reply_limit
+from domain.triggers import detect_trigger
+from observability.metrics import Metrics
 from providers.base import ChatRequest
 from providers.breaker import CircuitOpen
 from providers.errors import ProviderError, ProviderRateLimited
@@ -44,11 +41,10 @@ from providers.router import ProviderRouter
 from publishers.confirm import PublishFailed, Unroutable
 from publishers.failures import Failure
 from publishers.replies import ReplyPublisher
-from publishers.safety import contains_blocked_word, make_safe, reply_limit
+from publishers.safety import contains_blocked_word, make_safe
 from schemas.events import InteractionEvent
 from schemas.headers import ErrorType
 from schemas.replies import Reply, Trigger, Usage
-from worker.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

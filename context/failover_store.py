@@ -49,17 +49,11 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from context.memory_store import MemoryStateStore
 from context.redis_pool import BUSY
-from context.store import (
-    Admission,
-    AdmitRequest,
-    ConversationKey,
-    RecordRequest,
-    StateStore,
-    Verdict,
-)
+from context.store import Admission, AdmitRequest, RecordRequest, StateStore, Verdict
+from domain.conversation import ConversationKey
 
 if TYPE_CHECKING:
-    from worker.metrics import Metrics
+    from observability.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -55,6 +55,7 @@ from redis.asyncio import Redis
 
 from context.failover_store import UNREACHABLE
 from context.redis_pool import BUSY, pooled_client
+from domain.community import RateLimit
 
 log = logging.getLogger(__name__)
 
@@ -99,21 +100,11 @@ class LimitCheck:
             raise ValueError(f"window_ms must be a positive int, got {self.window_ms!r}")
 
     @classmethod
-    def of(cls, key: str, rate: RateLimitLike | None) -> LimitCheck | None:
+    def of(cls, key: str, rate: RateLimit | None) -> LimitCheck | None:
         """From a configured limit in seconds; None (no check) when none is configured."""
         if rate is None:
             return None
         return cls(key, rate.limit, max(1, round(rate.window_s * 1000)))
-
-
-class RateLimitLike(Protocol):
-    """What a community profile's rate limit looks like (`config.community.RateLimit`)."""
-
-    @property
-    def limit(self) -> int: ...
-
-    @property
-    def window_s(self) -> float: ...
 
 
 class RateLimiter(Protocol):
@@ -564,7 +555,6 @@ __all__ = [
     "LimitCheck",
     "MemoryRateLimiter",
     "RateDecision",
-    "RateLimitLike",
     "RateLimiter",
     "RedisRateLimiter",
     "check_limits",

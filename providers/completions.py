@@ -40,8 +40,10 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from config.settings import ProviderName
-from providers.base import ChatMessage, ChatRequest, CompletionChunk, Provider, TokenUsage
+from domain.chat import ChatMessage
+from domain.provider_names import ProviderName
+from observability.metrics import PROVIDER_BUCKETS, Metrics
+from providers.base import ChatRequest, CompletionChunk, Provider, TokenUsage
 from providers.breaker import CircuitOpen, Ticket
 from providers.errors import (
     ProviderAuthFailed,
@@ -54,7 +56,6 @@ from providers.errors import (
     log_provider_failure,
 )
 from providers.router import ProviderRouter
-from worker.metrics import PROVIDER_BUCKETS, Metrics
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 
-from config.settings import ProviderName
+from domain.provider_names import ProviderName
+from observability.metrics import Metrics
 from providers.base import ChatRequest, Completion, Provider, collect
 from providers.breaker import (
     DEFAULT_FAILURE_THRESHOLD,
@@ -38,7 +39,6 @@ from providers.breaker import (
 from providers.errors import ProviderError, log_provider_failure
 from providers.factory import Endpoint
 from providers.probe import CircuitProber
-from worker.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

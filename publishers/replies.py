@@ -13,10 +13,10 @@ import logging
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange
 
+from observability.metrics import Metrics
 from publishers.confirm import PublishFailed, Unroutable, publish_confirmed
 from schemas import headers
 from schemas.replies import Reply
-from worker.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

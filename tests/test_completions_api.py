@@ -20,7 +20,8 @@ import openai
 import orjson
 import pytest
 
-from config.settings import ProviderName
+from domain.provider_names import ProviderName
+from observability.metrics import Metrics
 from providers.base import Provider
 from providers.breaker import DEFAULT_FAILURE_THRESHOLD, DEFAULT_OPEN_S
 from providers.completions import MAX_BODY_BYTES, MAX_CONTENT_CHARS, CompletionService
@@ -30,7 +31,6 @@ from providers.openai_compat import OpenAICompatProvider
 from providers.router import ProviderRouter
 from tests.fake_provider import DEFAULT_REPLY, Behaviour, FakeProvider
 from worker.completions_api import completion_routes
-from worker.metrics import Metrics
 from worker.sidecar import Sidecar
 
 KEY = "wk-test-key-0123456789abcdef"

@@ -30,12 +30,13 @@ from context.failover_store import DEGRADED_BACKEND, UNREACHABLE, FailoverStateS
 from context.memory_store import MemoryStateStore
 from context.redis_pool import BUSY, RedisBusy, pooled_client
 from context.redis_store import RedisStateStore
-from context.store import AdmitRequest, ConversationKey, RecordRequest, Turn, Verdict
+from context.store import AdmitRequest, RecordRequest, Verdict
+from domain.conversation import ConversationKey, Turn
+from observability.metrics import Metrics
 from tests.conftest import AMQP_URL, REDIS_URL, REQUIRED_TOOL, running_worker
 from tests.fake_provider import FakeProvider
 from worker.app import App, connection_name
 from worker.client import RouterClient, make_event
-from worker.metrics import Metrics
 
 # Only the tests that run a private Redis need the binary (the broker tests do
 # not): they skip without it, and in CI that skip is a failure (conftest).

@@ -15,8 +15,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from config.settings import ProviderName, load_settings
-from providers.base import ChatMessage, ChatRequest
+from config.settings import load_settings
+from domain.chat import ChatMessage
+from domain.provider_names import ProviderName
+from observability.metrics import Metrics
+from providers.base import ChatRequest
 from providers.breaker import CircuitBreaker, CircuitOpen, CircuitState, Clock, Ticket
 from providers.errors import (
     ProviderBadRequest,
@@ -30,7 +33,6 @@ from providers.openai_compat import OpenAICompatProvider
 from providers.router import ProviderRouter
 from tests.fake_provider import Behaviour, FakeProvider
 from worker.app import build_router
-from worker.metrics import Metrics
 
 OLLAMA = ProviderName.OLLAMA
 WADDLEAI = ProviderName.WADDLEAI

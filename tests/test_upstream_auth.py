@@ -11,7 +11,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from providers.base import ChatMessage, ChatRequest, Completion
+from domain.chat import ChatMessage
+from providers.base import ChatRequest, Completion
 from providers.breaker import CircuitBreaker, CircuitState
 from providers.completions import provider_error
 from providers.errors import (

@@ -30,7 +30,7 @@ from broker.topology import Topology
 from config.community import CommunityConfigSource
 from config.repository import ConfigRepository
 from config.service import OpenedCommunityConfig, open_community_config
-from config.settings import ProviderName, Settings
+from config.settings import Settings
 from consumers.completions import CompletionsRpcConsumer
 from consumers.interaction import InteractionConsumer
 from consumers.outcomes import OutcomeRecorder
@@ -46,6 +46,8 @@ from context.rate_limits import (
 )
 from context.redis_store import RedisStateStore
 from context.store import StateStore
+from domain.provider_names import ProviderName
+from observability.metrics import Metrics
 from providers.base import Provider
 from providers.breaker import CircuitBreaker, CircuitState
 from providers.completions import CompletionService
@@ -59,7 +61,6 @@ from publishers.failures import FailurePublisher
 from publishers.replies import ReplyPublisher
 from worker.completions_api import completion_routes
 from worker.explain import outcome_routes
-from worker.metrics import Metrics
 from worker.openapi import build_openapi, openapi_route
 from worker.sidecar import Sidecar
 

@@ -22,6 +22,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from observability.metrics import Metrics
 from providers.completions import (
     MAX_BODY_BYTES,
     CompletionError,
@@ -34,7 +35,6 @@ from providers.completions import (
     parse_request,
     request_too_large,
 )
-from worker.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -38,6 +38,7 @@ from domain.conversation import ConversationKey, Turn
 from domain.provider_names import ProviderName
 from domain.secret import mask
 from domain.triggers import EVENT_TYPES
+from schemas.errors import WaddleError
 from schemas.events import MessageType
 from schemas.replies import Trigger
 
@@ -51,7 +52,7 @@ ModelName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1
 Word = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
 
 
-class ConfigValidationError(ValueError):
+class ConfigValidationError(WaddleError, ValueError):
     """A change that would make a community's config invalid; names every bad field."""
 
     def __init__(self, community_id: str, problems: Sequence[str]) -> None:

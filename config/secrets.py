@@ -19,11 +19,12 @@ from collections.abc import Sequence
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
 from domain.secret import Secret
+from schemas.errors import WaddleError
 
 ENV_NAME = "CONFIG_ENCRYPTION_KEY"
 
 
-class KeyBoxError(ValueError):
+class KeyBoxError(WaddleError, ValueError):
     """Encryption is impossible as configured; the message never contains a key."""
 
 

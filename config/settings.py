@@ -22,6 +22,7 @@ from config.ollama_env import (
     parse_think,
 )
 from domain.provider_names import ProviderName
+from schemas.errors import WaddleError
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are {bot_name}, the friendly, upbeat chat bot of a live-streaming community. "
@@ -42,7 +43,7 @@ def _split_csv(value: Any) -> Any:
     return value
 
 
-class SettingsError(ValueError):
+class SettingsError(WaddleError, ValueError):
     """A setting has a bad value; the message names the environment variable."""
 
 

@@ -47,7 +47,6 @@ from consumers.outcomes import (
     reason_text,
 )
 from consumers.pipeline import (
-    CIRCUIT_OPEN,
     Deferred,
     Delivery,
     Failed,
@@ -292,7 +291,7 @@ class InteractionConsumer:
             return Fate(NO_REPLY, outcome.reason, outcome.detail or reason_text(outcome.reason))
         carried = {headers.FIRST_RECEIVED_AT: delivery.first_received_at.isoformat()}
         if isinstance(outcome, Deferred):
-            if outcome.reason == CIRCUIT_OPEN:
+            if outcome.reason is ErrorType.CIRCUIT_OPEN:
                 failure = Failure(outcome.reason, outcome.detail or "every circuit is open")
                 delay = nearest_delay(self._delays, outcome.after_ms)
             else:

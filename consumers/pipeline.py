@@ -86,10 +86,6 @@ class Failed:
     retry_after_s: float | None = None
 
 
-IN_FLIGHT_ELSEWHERE = "in_flight_elsewhere"
-CIRCUIT_OPEN = "circuit_open"
-
-
 @dataclass(frozen=True, slots=True)
 class Deferred:
     """Not failed, not answered yet: look again later, without spending a retry.
@@ -108,7 +104,7 @@ class Deferred:
     `detail` says why, for the log and the copy's `x-error` header.
     """
 
-    reason: str
+    reason: ErrorType
     after_ms: int | None = None
     detail: str | None = None
 
@@ -196,7 +192,7 @@ class InteractionPipeline:
             return Skipped("community_disabled")
         age_s = self._age_s(event, delivery)
         if age_s > self._options.max_event_age_s:
-            return Skipped("stale", stale_detail(age_s, self._options.max_event_age_s))
+            return Skipped(ErrorType.STALE, stale_detail(age_s, self._options.max_event_age_s))
         decision = detect_trigger(event, profile.trigger_rules)
         trigger = decision.trigger
         if trigger is None and self._proactive.wants_to_chat_per(
@@ -227,7 +223,7 @@ class InteractionPipeline:
             self._metrics.dedupe_hits.inc()
             return Skipped("duplicate")
         if admission.verdict is Verdict.IN_FLIGHT_ELSEWHERE:
-            return Deferred(IN_FLIGHT_ELSEWHERE, admission.lease_left_ms)
+            return Deferred(ErrorType.IN_FLIGHT_ELSEWHERE, admission.lease_left_ms)
         if admission.verdict is Verdict.REPLY_PENDING and admission.pending_reply is not None:
             return await self._republish(event, delivery, key, profile, admission.pending_reply)
         if not admission.admitted:
@@ -285,7 +281,7 @@ class InteractionPipeline:
             # Refused, not failed: no provider was asked. The event waits for
             # the first circuit to close, its retry budget untouched.
             after_ms = None if exc.retry_after_s is None else int(exc.retry_after_s * 1000)
-            return Deferred(CIRCUIT_OPEN, after_ms, str(exc))
+            return Deferred(ErrorType.CIRCUIT_OPEN, after_ms, str(exc))
         except ProviderError as exc:
             # A provider's Retry-After: retrying sooner would only spend the
             # event's retry budget on another refusal.
@@ -331,7 +327,7 @@ class InteractionPipeline:
             event.event_id, delivery.attempt_id, reply.to_json(),
             ttl_ms=self._options.dedupe_ttl_s * 1000,
         ):
-            return Deferred("lease_lost")
+            return Deferred(ErrorType.LEASE_LOST)
         try:
             await self._replies.publish(reply, traceparent=delivery.traceparent)
         except PublishFailed as exc:

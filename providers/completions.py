@@ -56,6 +56,8 @@ from providers.errors import (
     log_provider_failure,
 )
 from providers.router import ProviderRouter
+from schemas.errors import WaddleError
+from schemas.headers import ErrorType
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +83,7 @@ _CUSTOM_CODES = frozenset({
 # -- errors ------------------------------------------------------------------
 
 
-class CompletionError(Exception):
+class CompletionError(WaddleError):
     """A failure the client sees as an OpenAI error body with an HTTP status.
 
     The RPC transport sends the same body and names the status in a header,
@@ -126,7 +128,7 @@ def invalid_request(
 def internal_error() -> CompletionError:
     """For bugs: the client learns nothing of the internals, the log has the traceback."""
     return CompletionError(500, "internal error; see the worker's logs",
-                           type="server_error", code="internal_error")
+                           type="server_error", code=ErrorType.INTERNAL_ERROR.value)
 
 
 def provider_error(exc: ProviderError, secrets: Sequence[str] = ()) -> CompletionError:
@@ -143,27 +145,28 @@ def provider_error(exc: ProviderError, secrets: Sequence[str] = ()) -> Completio
         return CompletionError(
             502, f"the AI provider {exc.provider!r} refused the worker's credentials "
             f"(HTTP {exc.status}); the operator must fix its API key",
-            type="upstream_auth_failed", code="upstream_auth_failed")
+            type=ErrorType.UPSTREAM_AUTH_FAILED.value, code=ErrorType.UPSTREAM_AUTH_FAILED.value)
     if isinstance(exc, ProviderBadRequest):
         return CompletionError(400, f"the AI provider refused the request: {detail}",
-                               type="invalid_request_error", code="provider_bad_request")
+                               type="invalid_request_error",
+                               code=ErrorType.PROVIDER_BAD_REQUEST.value)
     if isinstance(exc, ProviderRateLimited):
         return CompletionError(429, f"the AI provider is rate limited: {detail}",
                                type="rate_limit_error", code="rate_limit_exceeded",
                                retry_after_s=exc.retry_after_s)
     if isinstance(exc, ProviderTimeout):
         return CompletionError(504, f"the AI provider {exc.provider!r} timed out",
-                               type="server_error", code="provider_timeout")
+                               type="server_error", code=ErrorType.PROVIDER_TIMEOUT.value)
     if isinstance(exc, ProviderBadOutput):
         return CompletionError(502, f"the AI provider {exc.provider!r} sent an answer "
                                "that does not follow its protocol",
-                               type="api_error", code="provider_bad_output")
+                               type="api_error", code=ErrorType.PROVIDER_BAD_OUTPUT.value)
     if isinstance(exc, ProviderUnavailable):
         return CompletionError(503, f"the AI provider {exc.provider!r} is unavailable; "
                                "try again later",
-                               type="server_error", code="provider_unavailable")
+                               type="server_error", code=ErrorType.PROVIDER_UNAVAILABLE.value)
     return CompletionError(502, f"the AI provider {exc.provider!r} failed",
-                           type="api_error", code="provider_failed")
+                           type="api_error", code=ErrorType.PROVIDER_FAILED.value)
 
 
 def scrub(text: str, secrets: Sequence[str]) -> str:
@@ -307,7 +310,8 @@ def parse_request(raw: bytes) -> CompletionRequest:
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise invalid_request(f"the body is not valid JSON: {exc}", code="invalid_json") from None
+        raise invalid_request(f"the body is not valid JSON: {exc}",
+                              code=ErrorType.INVALID_JSON.value) from None
     if not isinstance(data, dict):
         raise invalid_request("the body must be a JSON object")
     try:
@@ -636,7 +640,7 @@ class CompletionService:
         if isinstance(first, ProviderError):
             return provider_error(first, self._secrets)
         return CompletionError(504, "listing the providers' models timed out",
-                               type="server_error", code="provider_timeout")
+                               type="server_error", code=ErrorType.PROVIDER_TIMEOUT.value)
 
     def _cause(self, exc: ProviderError) -> ProviderError:
         """An open circuit stands for the failure that opened it, when that is our key.

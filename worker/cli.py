@@ -24,7 +24,8 @@ from broker.topology import TopologyError
 from config.settings import Settings, SettingsError, load_settings
 from observability.logs import configure_logging
 from schemas.events import MessageType, Platform
-from worker import config_cli, dlq, explain
+from worker import config_cli, explain
+from worker.dlq import cli as dlq
 from worker.errors import describe_failure
 
 # How often `publish --wait` asks for the event's outcome while it waits.

@@ -20,11 +20,11 @@ import openai
 import orjson
 import pytest
 
+from consumers.completion_service import MAX_BODY_BYTES, MAX_CONTENT_CHARS, CompletionService
 from domain.provider_names import ProviderName
 from observability.metrics import Metrics
 from providers.base import Provider
 from providers.breaker import DEFAULT_FAILURE_THRESHOLD, DEFAULT_OPEN_S
-from providers.completions import MAX_BODY_BYTES, MAX_CONTENT_CHARS, CompletionService
 from providers.errors import ProviderUnavailable
 from providers.ollama import OllamaProvider
 from providers.openai_compat import OpenAICompatProvider

@@ -23,10 +23,10 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobus
 
 from broker.topology import Topology
 from config.settings import Settings
+from consumers.completion_service import CompletionService
 from consumers.completions import CompletionsRpcConsumer
 from domain.provider_names import ProviderName
 from observability.metrics import Metrics
-from providers.completions import CompletionService
 from providers.ollama import OllamaProvider
 from providers.router import ProviderRouter
 from tests.conftest import AMQP_URL, queue_depth, running_worker

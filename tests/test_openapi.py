@@ -20,10 +20,10 @@ import pytest
 from aiohttp import web
 from openapi_spec_validator import validate
 
+from consumers.completion_service import CompletionError, CompletionService, parse_request
 from context.memory_store import MemoryStateStore
 from domain.provider_names import ProviderName
 from observability.metrics import Metrics
-from providers.completions import CompletionError, CompletionService, parse_request
 from providers.ollama import OllamaProvider
 from providers.router import ProviderRouter
 from schemas.completions import ChatCompletionChunk, ErrorResponse

@@ -31,6 +31,7 @@ from config.community import CommunityConfigSource
 from config.repository import ConfigRepository
 from config.service import OpenedCommunityConfig, open_community_config
 from config.settings import Settings
+from consumers.completion_service import CompletionService
 from consumers.completions import CompletionsRpcConsumer
 from consumers.interaction import InteractionConsumer
 from consumers.outcomes import OutcomeRecorder
@@ -50,7 +51,6 @@ from domain.provider_names import ProviderName
 from observability.metrics import Metrics
 from providers.base import Provider
 from providers.breaker import CircuitBreaker, CircuitState
-from providers.completions import CompletionService
 from providers.errors import ProviderAuthFailed, ProviderError
 from providers.factory import build_endpoint_provider, build_provider
 from providers.local import LocalModel
@@ -153,6 +153,7 @@ async def build_router(
         failure_threshold=settings.circuit_failure_threshold,
         open_s=settings.circuit_open_s,
         probe_s=settings.circuit_probe_s or None,
+        secrets=[k for k in (settings.waddleai_api_key, *settings.api_keys) if k],
         # A community's own base URL or key: its own pooled client and breaker.
         endpoint_factory=lambda kind, base_url, api_key: build_endpoint_provider(
             kind, settings, base_url=base_url, api_key=api_key),

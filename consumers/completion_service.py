@@ -6,25 +6,28 @@ meet a different API. So everything except bytes-on-the-wire lives here:
 request validation and its limits, model routing, calling the providers,
 and the OpenAI shapes of answers, stream chunks and errors.
 
-Non-streamed answers go through `ProviderRouter.complete()` (fallback chain,
-circuit breakers). Streamed answers cannot: the router collects the whole
-answer before returning. `stream()` therefore walks the chain itself, through
-the router's circuit breakers (a stream's result counts for its provider), and
-may move to the next provider only until the first piece of text exists; after
-that the client has seen part of one provider's answer, and an error can only
-end the stream.
+It sits in `consumers/`, above `providers/`: the OpenAI request shapes and
+the mapping of provider failures to HTTP statuses are the API's, not a
+provider's, and both transports (`worker/completions_api.py` over HTTP,
+`consumers/completions.py` over AMQP) import them from here.
+
+Both kinds of answer take the router's one provider-call path
+(`ProviderRouter.open_stream`: circuit breakers, fallback chain, metrics):
+a non-streamed answer is that stream collected (`ProviderRouter.complete`),
+a streamed one is passed on piece by piece. The router may move to the next
+provider only until the first piece exists; after that the client has seen
+part of one provider's answer, and an error can only end the stream.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
 import uuid
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -43,8 +46,8 @@ from pydantic_core import PydanticCustomError
 from domain.chat import ChatMessage
 from domain.provider_names import ProviderName
 from observability.metrics import PROVIDER_BUCKETS, Metrics
-from providers.base import ChatRequest, CompletionChunk, Provider, TokenUsage
-from providers.breaker import CircuitOpen, Ticket
+from providers.base import ChatRequest, TokenUsage
+from providers.breaker import CircuitOpen
 from providers.errors import (
     ProviderAuthFailed,
     ProviderBadOutput,
@@ -383,17 +386,6 @@ class _Listing:
     error: ProviderError | TimeoutError | None = None
 
 
-@dataclass(slots=True)
-class _OpenStream:
-    provider: Provider
-    chunks: AsyncIterator[CompletionChunk]
-    first: CompletionChunk | None
-    started: float
-    position: int
-    # The circuit breaker's leave for this call, settled when the stream ends.
-    ticket: Ticket
-
-
 class CompletionService:
     """Answers OpenAI-shaped requests with the worker's providers."""
 
@@ -420,6 +412,7 @@ class CompletionService:
         self._models_ttl_s = models_ttl_s
         self._metrics = metrics
         self._secrets = tuple(s for s in secrets if s)
+        router.hide(self._secrets)
         self._clock = clock
         self._listings: dict[ProviderName, _Listing] = {}
         self._listing_lock = asyncio.Lock()
@@ -465,11 +458,13 @@ class CompletionService:
         """
         chain, model = await self.resolve(request.model)
         chat = self._chat_request(request, model)
-        opened = await self._open_stream(chain, chat, request)
+        try:
+            opened = await self._router.open_stream(chain, chat)
+        except ProviderError as exc:
+            raise self._failed(exc, request) from exc
         ident, created = new_completion_id(), int(time.time())
         include_usage = request.include_usage
-        answered_by = (opened.first.model if opened.first and opened.first.model else None) or (
-            chat.model if opened.position == 0 and chat.model else opened.provider.default_model)
+        answered_by = opened.model
 
         def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
             out: dict[str, Any] = {
@@ -484,24 +479,19 @@ class CompletionService:
 
         usage = TokenUsage()
         finish_reason: str | None = None
+        pieces = opened.pieces()
         try:
             yield chunk({"role": "assistant", "content": ""})
-            piece = opened.first
             try:
-                while piece is not None:
+                async for piece in pieces:
                     if piece.text:
                         yield chunk({"content": piece.text})
                     if piece.usage is not None:
                         usage = piece.usage
                     if piece.finish_reason is not None:
                         finish_reason = piece.finish_reason
-                    piece = await anext(opened.chunks, None)
             except ProviderError as exc:
-                opened.ticket.record_failure(exc)
-                self._count_error(opened.provider, exc)
                 raise self._failed(exc, request) from exc
-            opened.ticket.record_success()
-            self._count_success(opened)
             yield chunk({}, _finish_reason(finish_reason))
             if include_usage:
                 yield {
@@ -515,8 +505,8 @@ class CompletionService:
                 "completion_tokens": usage.completion_tokens})
         finally:
             # A client that left mid-stream judged nothing about the provider.
-            opened.ticket.release()
-            await _aclose(opened.chunks)
+            await pieces.aclose()
+            await opened.aclose()
 
     async def models(self) -> dict[str, Any]:
         """The OpenAI model list of every provider that answers, each model once."""
@@ -579,58 +569,6 @@ class CompletionService:
             messages=[message.to_chat() for message in request.messages],
             temperature=temperature, max_tokens=max_tokens, model=model,
         )
-
-    async def _open_stream(
-        self, chain: Sequence[ProviderName], chat: ChatRequest, request: CompletionRequest
-    ) -> _OpenStream:
-        """The first provider of `chain` whose stream yields a first chunk."""
-        last_error: ProviderError | None = None
-        for position, name in enumerate(chain):
-            provider = self._router.get(name)
-            # The same breakers as the chat pipeline's: a provider whose circuit
-            # is open is skipped here too, and a stream's result counts for it.
-            breaker = self._router.breaker(name)
-            ticket = breaker.allow()
-            if ticket is None:
-                last_error = self._router.refused(name)
-                continue
-            asked = chat if position == 0 else _without_model(chat)
-            started = time.perf_counter()
-            chunks = provider.stream(asked)
-            try:
-                first: CompletionChunk | None = await anext(chunks)
-            except StopAsyncIteration:
-                first = None
-            except ProviderError as exc:
-                ticket.record_failure(exc)
-                await _aclose(chunks)
-                self._count_error(provider, exc)
-                last_error = exc
-                if not exc.retryable:
-                    break
-                log_provider_failure(log, "provider failed before streaming; trying the next",
-                                     exc, self._secrets)
-                continue
-            except BaseException:
-                ticket.release()
-                await _aclose(chunks)
-                raise
-            return _OpenStream(provider, chunks, first, started, position, ticket)
-        assert last_error is not None
-        raise self._failed(last_error, request)
-
-    def _count_error(self, provider: Provider, exc: ProviderError) -> None:
-        if self._metrics is not None:
-            self._metrics.provider_errors.labels(provider.name, exc.error_type).inc()
-
-    def _count_success(self, opened: _OpenStream) -> None:
-        if self._metrics is None:
-            return
-        self._metrics.provider_latency.labels(opened.provider.name).observe(
-            time.perf_counter() - opened.started)
-        if opened.position > 0:
-            primary = self._router.get(self._default_chain[0]).name
-            self._metrics.fallbacks.labels(primary, opened.provider.name).inc()
 
     def _listing_failed(self, errors: Sequence[ProviderError | TimeoutError]) -> CompletionError:
         for error in errors:
@@ -711,17 +649,3 @@ def _usage(usage: TokenUsage) -> dict[str, int]:
 def _finish_reason(reason: str | None) -> str:
     """OpenAI clients know four reasons; a backend's own (or none) reads as `stop`."""
     return reason if reason in FINISH_REASONS else "stop"
-
-
-def _without_model(request: ChatRequest) -> ChatRequest:
-    """A model name belongs to the provider it was resolved for; fallbacks use their own."""
-    return ChatRequest(messages=request.messages, temperature=request.temperature,
-                       max_tokens=request.max_tokens, model=None)
-
-
-async def _aclose(chunks: AsyncIterator[CompletionChunk]) -> None:
-    """Close a provider's stream so its HTTP response is released now, not at GC."""
-    close = getattr(chunks, "aclose", None)
-    if close is not None:
-        with contextlib.suppress(Exception):
-            await close()

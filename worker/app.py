@@ -45,6 +45,8 @@ from context.rate_limits import (
     RateLimiter,
     RedisRateLimiter,
 )
+from context.redis_link import RedisLink
+from context.redis_pool import pooled_client
 from context.redis_store import RedisStateStore
 from context.store import StateStore
 from domain.provider_names import ProviderName
@@ -103,14 +105,12 @@ def connection_name(settings: Settings, role: str) -> str:
     return f"waddle-ai {role} {settings.queue_prefix}"
 
 
-def build_store(settings: Settings, metrics: Metrics) -> StateStore:
-    """Redis with a memory fallback when REDIS_URL is set; memory alone otherwise."""
-    memory = MemoryStateStore(max_conversations=settings.memory_max_conversations)
+def build_redis_link(settings: Settings, metrics: Metrics) -> RedisLink | None:
+    """The one Redis client (and outage flag) of the worker; None without REDIS_URL."""
     if not settings.redis_url:
-        return memory
-    redis = RedisStateStore.from_url(
+        return None
+    client = pooled_client(
         settings.redis_url,
-        key_prefix=settings.redis_key_prefix,
         socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
         pool_wait_s=REDIS_POOL_WAIT_S,
         # One immediate retry on a fresh connection: a pooled connection that
@@ -118,24 +118,26 @@ def build_store(settings: Settings, metrics: Metrics) -> StateStore:
         # The scripts are idempotent per attempt, so a retried one is harmless.
         retry=Retry(NoBackoff(), 1),
     )
-    return FailoverStateStore(redis, memory, metrics, retry_after_s=REDIS_RETRY_AFTER_S,
-                              op_timeout_s=REDIS_OP_TIMEOUT_S)
+    return RedisLink(client, metrics, retry_after_s=REDIS_RETRY_AFTER_S,
+                     op_timeout_s=REDIS_OP_TIMEOUT_S)
 
 
-def build_rate_limiter(settings: Settings, store: StateStore) -> RateLimiter:
-    """Shared limits in Redis (memory while the state store is degraded); memory without."""
-    memory = MemoryRateLimiter()
-    if not settings.redis_url:
+def build_store(settings: Settings, link: RedisLink | None) -> StateStore:
+    """Redis with a memory fallback when there is a Redis link; memory alone otherwise."""
+    memory = MemoryStateStore(max_conversations=settings.memory_max_conversations)
+    if link is None:
         return memory
-    redis = RedisRateLimiter.from_url(
-        settings.redis_url, key_prefix=settings.redis_key_prefix,
-        socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S, pool_wait_s=REDIS_POOL_WAIT_S,
-        retry=Retry(NoBackoff(), 1),
-    )
-    failover = store if isinstance(store, FailoverStateStore) else None
+    redis = RedisStateStore(link.client, settings.redis_key_prefix)
+    return FailoverStateStore(redis, memory, link)
+
+
+def build_rate_limiter(settings: Settings, link: RedisLink | None) -> RateLimiter:
+    """Shared limits in Redis (memory while the link is degraded); memory without."""
+    memory = MemoryRateLimiter()
+    if link is None:
+        return memory
     return FailoverRateLimiter(
-        redis, memory, degraded=lambda: failover is not None and failover.degraded,
-        op_timeout_s=REDIS_OP_TIMEOUT_S)
+        RedisRateLimiter(link.client, settings.redis_key_prefix), memory, link=link)
 
 
 async def build_router(
@@ -184,6 +186,7 @@ class App:
         router: ProviderRouter,
         community_config: CommunityConfigSource,
         rate_limiter: RateLimiter,
+        redis_link: RedisLink | None = None,
         opened_config: OpenedCommunityConfig | None = None,
         owns_local_model: LocalModel | None = None,
     ) -> None:
@@ -193,6 +196,7 @@ class App:
         self.router = router
         self.community_config = community_config
         self.rate_limiter = rate_limiter
+        self._redis_link = redis_link
         self._opened_config = opened_config
         self.completions = CompletionService(
             router,
@@ -232,7 +236,8 @@ class App:
         """
         metrics = Metrics()
         router, loaded = await build_router(settings, metrics, local_model)
-        store = build_store(settings, metrics)
+        link = build_redis_link(settings, metrics)
+        store = build_store(settings, link)
         opened = None
         if community_config is None:
             opened = await open_community_config(settings)
@@ -243,7 +248,8 @@ class App:
             store=store,
             router=router,
             community_config=community_config,
-            rate_limiter=build_rate_limiter(settings, store),
+            rate_limiter=build_rate_limiter(settings, link),
+            redis_link=link,
             opened_config=opened,
             owns_local_model=loaded if local_model is None else None,
         )
@@ -436,6 +442,8 @@ class App:
             await self._owned_model.aclose()
         await self.rate_limiter.aclose()
         await self.store.aclose()
+        if self._redis_link is not None:
+            await self._redis_link.aclose()
         if self._opened_config is not None:
             await self._opened_config.aclose()
         self._stopped.set()

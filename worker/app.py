@@ -17,7 +17,7 @@ import logging
 import signal
 import time
 from collections.abc import Sequence
-from contextlib import suppress
+from contextlib import AsyncExitStack, suppress
 from typing import Any
 
 import aio_pika
@@ -196,7 +196,6 @@ class App:
         self.router = router
         self.community_config = community_config
         self.rate_limiter = rate_limiter
-        self._redis_link = redis_link
         self._opened_config = opened_config
         self.completions = CompletionService(
             router,
@@ -211,7 +210,6 @@ class App:
         self.topology = topology_for(settings)
         # Every settled event's fate, for `waddle-ai explain` (consumers/outcomes.py).
         self.outcomes = OutcomeRecorder(store, ttl_s=settings.outcome_ttl_s)
-        self._owned_model = owns_local_model
         self._consume_connection: AbstractRobustConnection | None = None
         self._publish_connection: AbstractRobustConnection | None = None
         self.consumer: InteractionConsumer | None = None
@@ -222,6 +220,21 @@ class App:
         self._startup_probe: asyncio.Task[None] | None = None
         # role ("consume" / "publish") -> connected as far as the callbacks know.
         self._broker_up: dict[str, bool] = {}
+        self._drained = True
+        # What build() made, closed by stop() in the reverse order of this list
+        # (router first, community config last); what start() opens has a stack
+        # of its own, closed before this one.
+        self._built = AsyncExitStack()
+        if opened_config is not None:
+            self._built.push_async_callback(opened_config.aclose)
+        if redis_link is not None:
+            self._built.push_async_callback(redis_link.aclose)
+        self._built.push_async_callback(store.aclose)
+        self._built.push_async_callback(rate_limiter.aclose)
+        if owns_local_model is not None:
+            self._built.push_async_callback(owns_local_model.aclose)
+        self._built.push_async_callback(router.aclose)
+        self._started: AsyncExitStack | None = None
 
     @classmethod
     async def build(
@@ -255,12 +268,23 @@ class App:
         )
 
     async def start(self) -> None:
+        """Open everything on one exit stack: `stop()` closes it in reverse, and a
+        start that fails half-way closes what it had opened before raising."""
+        async with AsyncExitStack() as stack:
+            await self._open(stack)
+            self._started = stack.pop_all()
+
+    async def _open(self, stack: AsyncExitStack) -> None:
         s = self.settings
+        # Closed after everything below: consumers record outcomes until drained.
+        stack.push_async_callback(self.outcomes.drain)
         # In the background: an unreachable provider is worth a warning at
         # start, never a delay or a failed start (it may come up after us).
         self._startup_probe = asyncio.get_running_loop().create_task(
             self._probe_providers_at_start(), name="startup-provider-probe")
+        stack.push_async_callback(_cancel, self._startup_probe)
         self._publish_connection = await self._connect("publish")
+        stack.push_async_callback(_close_quietly, self._publish_connection)
         publish_channel = await self._publish_connection.channel(
             publisher_confirms=True, on_return_raises=True)
         await self._declare_topology()
@@ -302,16 +326,18 @@ class App:
                                         max_concurrent=s.completions_max_concurrent),
         )
         await self.sidecar.start()
+        stack.push_async_callback(self.sidecar.stop)
 
         self._consume_connection = await self._connect("consume")
+        stack.push_async_callback(_close_quietly, self._consume_connection)
         consume_channel = await self._consume_connection.channel()
         await consume_channel.set_qos(prefetch_count=s.prefetch_count)
-        await self.consumer.attach(consume_channel)
 
         # Completions RPC on a connection of its own: a request naming a bogus
         # reply-to makes the broker close the connection that answers it, and
         # that must never be the one carrying chat replies.
         self._rpc_connection = await self._connect("rpc")
+        stack.push_async_callback(_close_quietly, self._rpc_connection)
         rpc_publish = await self._rpc_connection.channel(
             publisher_confirms=True, on_return_raises=True)
         rpc_consume = await self._rpc_connection.channel()
@@ -321,6 +347,13 @@ class App:
             queue_name=self.topology.completions_queue, service=self.completions,
             publish_channel=rpc_publish, metrics=self.metrics,
             max_concurrent=s.completions_max_concurrent)
+
+        # Every connection is open: the drain is pushed now, so it runs before
+        # any of them closes, and from the first attach on, so a start that
+        # fails at the second still stops the first. Both consumers drain at
+        # once, within one SHUTDOWN_GRACE_S.
+        stack.push_async_callback(self._drain_consumers)
+        await self.consumer.attach(consume_channel)
         await self.rpc_consumer.attach(rpc_consume)
         # Everything built at start lives as long as the process: move it out
         # of the collector's sight, so full collections (tens of ms, with every
@@ -418,37 +451,29 @@ class App:
         return max(provider_timeout_s(self.settings, name) for name in self.router.providers)
 
     async def stop(self) -> bool:
-        """Drain and close; True when every in-flight event finished within the grace time."""
-        drained = True
+        """Drain and close; True when every in-flight event finished within the grace time.
+
+        The order is the stacks': what start() opened, in reverse (consumers
+        drained, the RPC and consume connections, the sidecar, the publish
+        connection, the start-up probe, the outcome recorder), then what
+        build() made (router, local model, rate limiter, state store, Redis
+        link, community config).
+        """
         self._stopping = True
-        if self._startup_probe is not None and not self._startup_probe.done():
-            self._startup_probe.cancel()
-            with suppress(asyncio.CancelledError):
-                await self._startup_probe
-        if self.consumer is not None or self.rpc_consumer is not None:
-            stops = [c.stop(self.settings.shutdown_grace_s)
-                     for c in (self.consumer, self.rpc_consumer) if c is not None]
-            drained = all(await asyncio.gather(*stops))
-        for connection in (self._consume_connection, self._publish_connection,
-                           self._rpc_connection):
-            if connection is not None:
-                with suppress(Exception):
-                    await connection.close()
-        await self.outcomes.drain()
-        if self.sidecar is not None:
-            await self.sidecar.stop()
-        await self.router.aclose()
-        if self._owned_model is not None:
-            await self._owned_model.aclose()
-        await self.rate_limiter.aclose()
-        await self.store.aclose()
-        if self._redis_link is not None:
-            await self._redis_link.aclose()
-        if self._opened_config is not None:
-            await self._opened_config.aclose()
+        started, self._started = self._started, None
+        try:
+            if started is not None:
+                await started.aclose()
+        finally:
+            await self._built.aclose()
         self._stopped.set()
-        log.info("worker stopped", extra={"action": "stop", "drained": drained})
-        return drained
+        log.info("worker stopped", extra={"action": "stop", "drained": self._drained})
+        return self._drained
+
+    async def _drain_consumers(self) -> None:
+        stops = [c.stop(self.settings.shutdown_grace_s)
+                 for c in (self.consumer, self.rpc_consumer) if c is not None]
+        self._drained = all(await asyncio.gather(*stops))
 
     async def run_until_signalled(self) -> bool:
         """`waddle-ai run`: start, serve until SIGTERM/SIGINT, then drain and stop."""
@@ -540,3 +565,16 @@ def _provider_health(checked: dict[str, Any], breaker: CircuitBreaker) -> dict[s
     if isinstance(cause, ProviderAuthFailed) and breaker.state is not CircuitState.CLOSED:
         health.update(ok=False, error=str(cause), error_type=cause.error_type)
     return health
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    if not task.done():
+        task.cancel()
+        with suppress(asyncio.CancelledError):
+            await task
+
+
+async def _close_quietly(connection: AbstractRobustConnection) -> None:
+    # A connection already lost has nothing left to close cleanly.
+    with suppress(Exception):
+        await connection.close()

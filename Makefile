@@ -58,6 +58,7 @@ test: $(DEV_STAMP) lint typecheck
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 typecheck: $(DEV_STAMP)
 	$(BIN)/mypy

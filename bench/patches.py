@@ -86,24 +86,24 @@ def httpx_provider() -> None:
 
 
 def redis_capped_pool() -> None:
-    """The *old* context/redis_store.py `RedisStateStore.from_url`, to measure "before".
+    """The *old* Redis client (redis-py's default pool), to measure "before".
 
     Until the benchmark's fix, the store used redis-py's default pool, which
     (redis-py 6+) holds at most 100 connections and raises
     `MaxConnectionsError`, a `ConnectionError`, at once past that. The
     failover store took that for "Redis unreachable" and switched the replica
-    to memory state whenever more than 100 events were in flight.
+    to memory state whenever more than 100 events were in flight. The
+    worker's one Redis client is made in `worker.app.build_redis_link`
+    through `pooled_client`; this puts the default pool back there.
     """
     from redis.asyncio import Redis
 
-    from context import redis_store
+    from worker import app
 
-    def from_url(cls: type[redis_store.RedisStateStore], url: str, key_prefix: str,
-                 **client_options: Any) -> redis_store.RedisStateStore:
-        return cls(Redis.from_url(url, **client_options), key_prefix, owns_client=True)
+    def default_pool(url: str, *, pool_wait_s: float = 0.0, **client_options: Any) -> Redis:
+        return Redis.from_url(url, **client_options)
 
-    redis_store.RedisStateStore.from_url = classmethod(  # type: ignore[assignment]
-        from_url)  # type: ignore[arg-type]
+    app.pooled_client = default_pool  # type: ignore[assignment]
 
 
 def no_gc_freeze() -> None:

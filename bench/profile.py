@@ -39,7 +39,7 @@ HTTP = "HTTP to the provider (aiohttp, yarl; httpx in what-ifs)"
 PARTS: tuple[tuple[str, str], ...] = (
     ("prometheus_client/", "metrics (prometheus_client)"),
     ("logging/", "logging"),
-    ("worker/logs.py", "logging"),
+    ("observability/logs.py", "logging"),
     ("pydantic/", "pydantic (parse event, build reply)"),
     ("pydantic_core/", "pydantic (parse event, build reply)"),
     ("schemas/", "pydantic (parse event, build reply)"),
@@ -80,7 +80,7 @@ def parse_frame(frame: str) -> tuple[str, str]:
 
 
 REPO_DIRS = ("worker", "consumers", "providers", "context", "publishers", "config",
-             "schemas", "broker", "bench", "tests")
+             "domain", "observability", "schemas", "broker", "bench", "tests")
 
 
 def area_of(path: str) -> str:

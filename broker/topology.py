@@ -28,8 +28,10 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, ExchangeType
 from aiormq.exceptions import ChannelPreconditionFailed
 
+from schemas.errors import WaddleError
 
-class TopologyError(RuntimeError):
+
+class TopologyError(WaddleError, RuntimeError):
     """The broker holds a queue or exchange of ours declared differently."""
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from config.database import Connection, Pool, connection_from
+from schemas.errors import WaddleError
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ VERSION_TABLE = "ai_schema_migrations"
 LOCK_KEY = 0x574144444C454149
 
 
-class MigrationError(RuntimeError):
+class MigrationError(WaddleError, RuntimeError):
     """A migration could not run; the message says which file and why."""
 
 

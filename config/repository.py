@@ -33,10 +33,12 @@ from pydantic import (
 )
 
 from config.database import CheckViolationError, Pool, Record
-from config.secrets import KeyBox, KeyBoxError, mask
-from config.settings import ProviderName
-from consumers.triggers import EVENT_TYPES
-from context.store import ConversationKey, Turn
+from config.secrets import KeyBox, KeyBoxError
+from domain.conversation import ConversationKey, Turn
+from domain.provider_names import ProviderName
+from domain.secret import mask
+from domain.triggers import EVENT_TYPES
+from schemas.errors import WaddleError
 from schemas.events import MessageType
 from schemas.replies import Trigger
 
@@ -50,7 +52,7 @@ ModelName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1
 Word = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
 
 
-class ConfigValidationError(ValueError):
+class ConfigValidationError(WaddleError, ValueError):
     """A change that would make a community's config invalid; names every bad field."""
 
     def __init__(self, community_id: str, problems: Sequence[str]) -> None:
@@ -100,7 +102,7 @@ class CommunityConfigRecord(BaseModel):
 
     triggers: tuple[Trigger, ...] | None = None
     event_types: tuple[MessageType, ...] | None = None
-    # Replace the built-in lists (consumers/triggers.py); "^word": first word only.
+    # Replace the built-in lists (domain/triggers.py); "^word": first word only.
     greeting_words: tuple[Word, ...] | None = Field(default=None, max_length=500)
     farewell_words: tuple[Word, ...] | None = Field(default=None, max_length=500)
 

@@ -43,15 +43,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Final
 
-from config.community import (
-    DEFAULT_PROACTIVE_MIN_LENGTH,
-    DEFAULT_PROACTIVE_PROBABILITY,
-    CommunityConfigSource,
-    CommunityProfile,
-    EnvCommunityConfig,
-    ProactivePolicy,
-    RateLimit,
-)
+from config.community import CommunityConfigSource, EnvCommunityConfig
 from config.database import (
     Connection,
     Pool,
@@ -62,10 +54,19 @@ from config.database import (
 )
 from config.migrate import migrate
 from config.repository import TABLE, CommunityConfigRecord, record_from_row
-from config.secrets import KeyBox, KeyBoxError, Secret
-from config.settings import ProviderName, Settings
-from consumers.triggers import TriggerRules
-from context.prompts import Persona
+from config.secrets import KeyBox, KeyBoxError
+from config.settings import Settings
+from domain.community import (
+    DEFAULT_PROACTIVE_MIN_LENGTH,
+    DEFAULT_PROACTIVE_PROBABILITY,
+    CommunityProfile,
+    ProactivePolicy,
+    RateLimit,
+)
+from domain.persona import Persona
+from domain.provider_names import ProviderName
+from domain.secret import Secret
+from domain.triggers import TriggerRules
 
 log = logging.getLogger(__name__)
 

@@ -21,18 +21,14 @@ from config.ollama_env import (
     parse_ollama_host,
     parse_think,
 )
+from domain.provider_names import ProviderName
+from schemas.errors import WaddleError
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are {bot_name}, the friendly, upbeat chat bot of a live-streaming community. "
     "You answer viewers in chat: short, warm, on topic, one or two sentences, "
     "no markdown, no links unless asked, never rude, never political."
 )
-
-
-class ProviderName(StrEnum):
-    LOCAL = "local"
-    OLLAMA = "ollama"
-    WADDLEAI = "waddleai"
 
 
 class LogFormat(StrEnum):
@@ -47,7 +43,7 @@ def _split_csv(value: Any) -> Any:
     return value
 
 
-class SettingsError(ValueError):
+class SettingsError(WaddleError, ValueError):
     """A setting has a bad value; the message names the environment variable."""
 
 

@@ -34,7 +34,7 @@ import orjson
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from aio_pika.exceptions import PublishError
 
-from providers.completions import (
+from consumers.completion_service import (
     CompletionError,
     CompletionMetrics,
     CompletionService,
@@ -43,8 +43,8 @@ from providers.completions import (
     invalid_request,
     parse_request,
 )
+from observability.metrics import Metrics
 from publishers.confirm import PublishFailed, publish_confirmed
-from worker.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

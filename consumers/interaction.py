@@ -47,7 +47,6 @@ from consumers.outcomes import (
     reason_text,
 )
 from consumers.pipeline import (
-    CIRCUIT_OPEN,
     Deferred,
     Delivery,
     Failed,
@@ -56,13 +55,13 @@ from consumers.pipeline import (
     Replied,
     Skipped,
 )
+from observability.logs import bind
+from observability.metrics import Metrics
 from publishers.confirm import PublishFailed
 from publishers.failures import Failure, FailurePublisher, retry_count
 from schemas import headers
 from schemas.events import EventError, parse_event
 from schemas.headers import ErrorType
-from worker.logs import bind
-from worker.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -292,7 +291,7 @@ class InteractionConsumer:
             return Fate(NO_REPLY, outcome.reason, outcome.detail or reason_text(outcome.reason))
         carried = {headers.FIRST_RECEIVED_AT: delivery.first_received_at.isoformat()}
         if isinstance(outcome, Deferred):
-            if outcome.reason == CIRCUIT_OPEN:
+            if outcome.reason is ErrorType.CIRCUIT_OPEN:
                 failure = Failure(outcome.reason, outcome.detail or "every circuit is open")
                 delay = nearest_delay(self._delays, outcome.after_ms)
             else:

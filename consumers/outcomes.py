@@ -29,6 +29,7 @@ from typing import Any, Final
 import orjson
 
 from context.store import StateStore
+from schemas.headers import ErrorType
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ REASON_TEXT: Final[dict[str, str]] = {
     "blocked_word": "the message contains one of the community's blocked_words",
     "duplicate": "already answered: a repeat delivery of an answered event (the marker is "
                  "kept DEDUPE_TTL_S)",
-    "stale": "stale: older than MAX_EVENT_AGE_S",
+    ErrorType.STALE: "stale: older than MAX_EVENT_AGE_S",
     "user_cooldown": "user cooldown: this viewer was answered moments ago (USER_COOLDOWN_S)",
     "channel_cooldown": "channel cooldown: this channel was answered moments ago "
                         "(CHANNEL_COOLDOWN_S)",
@@ -72,9 +73,9 @@ REASON_TEXT: Final[dict[str, str]] = {
     "rate_limited_community": "the community's rate limit is used up (its "
                               "community_rate_limit per community_rate_window_s)",
     "rate_limited_proactive": "proactive chatter's rate limit is used up",
-    "in_flight_elsewhere": "another copy of this event is being answered; this one waits "
+    ErrorType.IN_FLIGHT_ELSEWHERE: "another copy of this event is being answered; this one waits "
                            "in the delay queues",
-    "lease_lost": "the answer took longer than this attempt's in-flight lease (the "
+    ErrorType.LEASE_LOST: "the answer took longer than this attempt's in-flight lease (the "
                   "provider's timeout + 15 s), so another copy may have taken over; it is "
                   "tried again after a delay",
 }

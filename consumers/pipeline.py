@@ -4,21 +4,31 @@ The pipeline returns an `Outcome` and never touches the delivery itself; the
 consumer turns the outcome into broker actions (ack, retry copy, dead
 letter). That keeps the order the contract needs in one place: whatever the
 outcome, the event is acked only after what it produced is confirmed.
+
+`handle` is a list of steps. First the guards (`_guards`): small decisions
+on the event and its community's profile, each returning None to go on or
+the no-reply outcome that ends it (disabled community, stale, no trigger,
+blocked word). Then admission by the state store (duplicate, copy in flight,
+cooldowns). What follows runs under the attempt's lease, one `async with`
+(`_lease`) that renews it while inside and releases it on every exit that
+is not a reply: the rate limits, then the answer (prompt, provider, safety,
+stash, publish). A reply is then remembered. To add a guard, write a method
+`(Handling) -> Outcome | None` and put it in `_guards` where it belongs.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
 
-from config.community import CommunityConfigSource, CommunityProfile
+from config.community import CommunityConfigSource
 from consumers.outcomes import cooldown_detail, stale_detail
 from consumers.proactive import ProactiveDecider, proactive_limit_check
-from consumers.triggers import detect_trigger
 from context.lease import LeaseKeeper
 from context.prompts import build_messages
 from context.rate_limits import (
@@ -29,14 +39,12 @@ from context.rate_limits import (
     community_rate_key,
     user_rate_key,
 )
-from context.store import (
-    AdmitRequest,
-    ConversationKey,
-    RecordRequest,
-    StateStore,
-    Turn,
-    Verdict,
-)
+from context.store import Admission, AdmitRequest, RecordRequest, StateStore, Verdict
+from domain.community import CommunityProfile
+from domain.conversation import ConversationKey, Turn
+from domain.platforms import reply_limit
+from domain.triggers import detect_trigger
+from observability.metrics import Metrics
 from providers.base import ChatRequest
 from providers.breaker import CircuitOpen
 from providers.errors import ProviderError, ProviderRateLimited
@@ -44,11 +52,10 @@ from providers.router import ProviderRouter
 from publishers.confirm import PublishFailed, Unroutable
 from publishers.failures import Failure
 from publishers.replies import ReplyPublisher
-from publishers.safety import contains_blocked_word, make_safe, reply_limit
+from publishers.safety import contains_blocked_word, make_safe
 from schemas.events import InteractionEvent
 from schemas.headers import ErrorType
 from schemas.replies import Reply, Trigger, Usage
-from worker.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +97,6 @@ class Failed:
     retry_after_s: float | None = None
 
 
-IN_FLIGHT_ELSEWHERE = "in_flight_elsewhere"
-CIRCUIT_OPEN = "circuit_open"
-
-
 @dataclass(frozen=True, slots=True)
 class Deferred:
     """Not failed, not answered yet: look again later, without spending a retry.
@@ -112,7 +115,7 @@ class Deferred:
     `detail` says why, for the log and the copy's `x-error` header.
     """
 
-    reason: str
+    reason: ErrorType
     after_ms: int | None = None
     detail: str | None = None
 
@@ -168,6 +171,48 @@ def _age_ms(event: InteractionEvent, delivery: Delivery) -> int:
     return max(0, int((datetime.now(UTC) - since).total_seconds() * 1000))
 
 
+@dataclass(slots=True)
+class Handling:
+    """One event on its way through the steps, and what the steps found out so far."""
+
+    event: InteractionEvent
+    delivery: Delivery
+    profile: CommunityProfile
+    started: float
+    # Set by the trigger guard: why the bot answers (None until then).
+    trigger: Trigger | None = None
+
+    @property
+    def key(self) -> ConversationKey:
+        event = self.event
+        return ConversationKey(
+            community_id=event.community_id, channel_id=event.channel_id,
+            user_id=event.user_id, platform=event.platform.value,
+        )
+
+
+# A guard: None to go on, or the no-reply outcome that ends the handling.
+Guard = Callable[[Handling], Outcome | None]
+
+
+@dataclass(slots=True)
+class _Held:
+    """The outcome of what ran under the lease; a reply keeps the lease, nothing else does."""
+
+    outcome: Outcome | None = None
+
+
+def _gives_back_cooldowns(outcome: Outcome | None) -> bool:
+    """Nothing was said and nothing will be: the viewer and channel are not cooled down.
+
+    A refusal after admission (a rate limit) and a failure that is not retried
+    give their cooldowns back; a retry or a deferral keeps them, since the
+    event still owns them and comes back.
+    """
+    return isinstance(outcome, Skipped) or (
+        isinstance(outcome, Failed) and not outcome.retryable)
+
+
 class InteractionPipeline:
     def __init__(
         self,
@@ -193,33 +238,31 @@ class InteractionPipeline:
         self._proactive = proactive or ProactiveDecider()
         self._archive = archive
 
+        # The guards, in order: cheap decisions on the event and its profile
+        # alone, before any state is touched. The first to refuse ends it.
+        self._guards: tuple[Guard, ...] = tuple(
+            guard.__get__(self) for guard in self._guard_order())  # bound once, not per event
+
+    @classmethod
+    def _guard_order(cls) -> tuple[Callable[[InteractionPipeline, Handling], Outcome | None], ...]:
+        """The guards, first to last: where a new one is put in."""
+        return (cls._community_enabled, cls._fresh, cls._triggered, cls._not_blocked)
+
     async def handle(self, event: InteractionEvent, delivery: Delivery) -> Outcome:
+        """Guards, admission, then under the lease: the limits, the answer, the reply."""
         started = time.perf_counter()
         profile = await self._config.profile(event.community_id)
-        if not profile.enabled:
-            return Skipped("community_disabled")
-        age_s = self._age_s(event, delivery)
-        if age_s > self._options.max_event_age_s:
-            return Skipped("stale", stale_detail(age_s, self._options.max_event_age_s))
-        decision = detect_trigger(event, profile.trigger_rules)
-        trigger = decision.trigger
-        if trigger is None and self._proactive.wants_to_chat_per(
-                event, decision, profile.proactive):
-            trigger = Trigger.PROACTIVE
-        if trigger is None:
-            return Skipped(decision.skip_reason or "no_trigger")
-        if profile.blocked_words and contains_blocked_word(
-                event.message_content, profile.blocked_words):
-            return Skipped("blocked_word")
-
-        key = ConversationKey(
-            community_id=event.community_id, channel_id=event.channel_id,
-            user_id=event.user_id, platform=event.platform.value,
-        )
+        h = Handling(event, delivery, profile, started)
+        for guard in self._guards:
+            refused = guard(h)
+            if refused is not None:
+                return refused
+        trigger = h.trigger
+        assert trigger is not None  # the trigger guard went on, so it set one
         admission = await self._store.admit(AdmitRequest(
             event_id=event.event_id,
             attempt_id=delivery.attempt_id,
-            key=key,
+            key=h.key,
             user_cooldown_ms=profile.user_cooldown_ms,
             # Someone talking to the bot by name is answered even when the
             # channel is busy; their own cooldown still applies.
@@ -227,46 +270,96 @@ class InteractionPipeline:
             lease_ms=self._options.lease_ms,
             history_turns=profile.history_turns,
         ))
+        refused = self._not_admitted(h, admission)
+        if refused is not None:
+            return refused
+        pending = (admission.pending_reply
+                   if admission.verdict is Verdict.REPLY_PENDING else None)
+        async with self._lease(h) as held:
+            if pending is not None:
+                held.outcome = await self._republish(h, pending)
+            else:
+                # After admit: a duplicate, a copy in flight or a cooled-down
+                # message never spends a viewer's or a community's budget.
+                held.outcome = await self._within_limits(h) or await self._answer(
+                    event, delivery, profile, trigger, admission.history, started)
+        outcome = held.outcome
+        if isinstance(outcome, Replied):
+            await self._remember(event, delivery, h.key, profile, outcome.reply)
+        return outcome
+
+    # -- the guards (before admission) ---------------------------------------------
+
+    def _community_enabled(self, h: Handling) -> Outcome | None:
+        return None if h.profile.enabled else Skipped("community_disabled")
+
+    def _fresh(self, h: Handling) -> Outcome | None:
+        age_s = self._age_s(h.event, h.delivery)
+        if age_s > self._options.max_event_age_s:
+            return Skipped(ErrorType.STALE, stale_detail(age_s, self._options.max_event_age_s))
+        return None
+
+    def _triggered(self, h: Handling) -> Outcome | None:
+        decision = detect_trigger(h.event, h.profile.trigger_rules)
+        trigger = decision.trigger
+        if trigger is None and self._proactive.wants_to_chat_per(
+                h.event, decision, h.profile.proactive):
+            trigger = Trigger.PROACTIVE
+        if trigger is None:
+            return Skipped(decision.skip_reason or "no_trigger")
+        h.trigger = trigger
+        return None
+
+    def _not_blocked(self, h: Handling) -> Outcome | None:
+        words = h.profile.blocked_words
+        if words and contains_blocked_word(h.event.message_content, words):
+            return Skipped("blocked_word")
+        return None
+
+    # -- admission and the lease -------------------------------------------------
+
+    def _not_admitted(self, h: Handling, admission: Admission) -> Outcome | None:
+        """The outcome of an admission that holds no lease; None when this attempt holds it."""
         if admission.verdict is Verdict.ALREADY_ANSWERED:
             self._metrics.dedupe_hits.inc()
             return Skipped("duplicate")
         if admission.verdict is Verdict.IN_FLIGHT_ELSEWHERE:
-            return Deferred(IN_FLIGHT_ELSEWHERE, admission.lease_left_ms)
+            return Deferred(ErrorType.IN_FLIGHT_ELSEWHERE, admission.lease_left_ms)
         if admission.verdict is Verdict.REPLY_PENDING and admission.pending_reply is not None:
-            return await self._republish(event, delivery, key, profile, admission.pending_reply)
+            return None
         if not admission.admitted:
             reason = admission.verdict.value
-            cooldown_ms = {Verdict.CHANNEL_COOLDOWN: profile.channel_cooldown_ms,
-                           Verdict.USER_COOLDOWN: profile.user_cooldown_ms}.get(
+            cooldown_ms = {Verdict.CHANNEL_COOLDOWN: h.profile.channel_cooldown_ms,
+                           Verdict.USER_COOLDOWN: h.profile.user_cooldown_ms}.get(
                                admission.verdict)
             return Skipped(reason, None if cooldown_ms is None else cooldown_detail(
                 reason, cooldown_ms, admission.cooldown_left_ms))
-        # After admit: a duplicate, a copy in flight or a cooled-down message
-        # never spends a viewer's or a community's budget.
-        limited = await self._rate_limited(event, trigger, profile)
-        if limited is not None:
-            # Never answered: its cooldowns must not silence the viewer or the channel.
-            await self._release(event, delivery, cooldowns=key)
-            return Skipped(limited)
+        return None
 
+    @asynccontextmanager
+    async def _lease(self, h: Handling) -> AsyncIterator[_Held]:
+        """The in-flight lease this attempt was admitted with, for as long as it works.
+
+        Renewed while inside (`LeaseKeeper`): a slow generation keeps its
+        lease, so no copy of the event is generated a second time. Released
+        on every exit that is not a reply (a reply's lease ends when it is
+        recorded), here and only here.
+        """
+        held = _Held()
         try:
-            # Renewed while the attempt runs: a slow generation keeps its
-            # lease, so no copy of the event is generated a second time.
-            async with LeaseKeeper(self._store, event.event_id, delivery.attempt_id,
+            async with LeaseKeeper(self._store, h.event.event_id, h.delivery.attempt_id,
                                    self._options.lease_ms, metrics=self._metrics):
-                outcome = await self._answer(event, delivery, profile, trigger,
-                                             admission.history, started)
-        except BaseException:
-            await self._release(event, delivery)
-            raise
-        if not isinstance(outcome, Replied):
-            # A retry keeps the event's cooldowns (it still owns them); an event
-            # that failed for good gives them back, since nothing was said.
-            given_up = isinstance(outcome, Failed) and not outcome.retryable
-            await self._release(event, delivery, cooldowns=key if given_up else None)
-            return outcome
-        await self._remember(event, delivery, key, profile, outcome.reply)
-        return outcome
+                yield held
+        finally:
+            if not isinstance(held.outcome, Replied):
+                await self._release(h, cooldowns=(
+                    h.key if _gives_back_cooldowns(held.outcome) else None))
+
+    async def _within_limits(self, h: Handling) -> Outcome | None:
+        """None to go on, or the no-reply outcome of a rate limit that refuses the event."""
+        assert h.trigger is not None
+        limited = await self._rate_limited(h.event, h.trigger, h.profile)
+        return None if limited is None else Skipped(limited)
 
     async def _answer(
         self, event: InteractionEvent, delivery: Delivery, profile: CommunityProfile,
@@ -289,7 +382,7 @@ class InteractionPipeline:
             # Refused, not failed: no provider was asked. The event waits for
             # the first circuit to close, its retry budget untouched.
             after_ms = None if exc.retry_after_s is None else int(exc.retry_after_s * 1000)
-            return Deferred(CIRCUIT_OPEN, after_ms, str(exc))
+            return Deferred(ErrorType.CIRCUIT_OPEN, after_ms, str(exc))
         except ProviderError as exc:
             # A provider's Retry-After: retrying sooner would only spend the
             # event's retry budget on another refusal.
@@ -335,17 +428,14 @@ class InteractionPipeline:
             event.event_id, delivery.attempt_id, reply.to_json(),
             ttl_ms=self._options.dedupe_ttl_s * 1000,
         ):
-            return Deferred("lease_lost")
+            return Deferred(ErrorType.LEASE_LOST)
         try:
             await self._replies.publish(reply, traceparent=delivery.traceparent)
         except PublishFailed as exc:
             return Failed(_publish_failure(exc), retryable=True)
         return Replied(reply)
 
-    async def _republish(
-        self, event: InteractionEvent, delivery: Delivery, key: ConversationKey,
-        profile: CommunityProfile, stashed: bytes,
-    ) -> Outcome:
+    async def _republish(self, h: Handling, stashed: bytes) -> Outcome:
         """Publish the reply an earlier attempt stashed, byte for byte.
 
         That attempt may or may not have got it out before dying; either way
@@ -354,12 +444,10 @@ class InteractionPipeline:
         """
         reply = Reply.model_validate_json(stashed)
         try:
-            await self._replies.publish(reply, traceparent=delivery.traceparent)
+            await self._replies.publish(reply, traceparent=h.delivery.traceparent)
         except PublishFailed as exc:
-            await self._release(event, delivery)
             return Failed(_publish_failure(exc), retryable=True)
         self._metrics.replies_republished.inc()
-        await self._remember(event, delivery, key, profile, reply)
         return Replied(reply)
 
     async def _rate_limited(
@@ -394,16 +482,16 @@ class InteractionPipeline:
         return (datetime.now(UTC) - seen).total_seconds()
 
     async def _release(
-        self, event: InteractionEvent, delivery: Delivery, *,
-        cooldowns: ConversationKey | None = None,
+        self, h: Handling, *, cooldowns: ConversationKey | None = None,
     ) -> None:
         try:
-            await self._store.release(event.event_id, delivery.attempt_id, cooldowns=cooldowns)
+            await self._store.release(h.event.event_id, h.delivery.attempt_id,
+                                      cooldowns=cooldowns)
         except Exception:
             # The lease expires on its own; a failed release only delays a retry.
             self._metrics.state_errors.labels("release").inc()
             log.warning("could not release the in-flight lease", exc_info=True,
-                        extra={"action": "release", "event_id": event.event_id})
+                        extra={"action": "release", "event_id": h.event.event_id})
 
     async def _remember(
         self, event: InteractionEvent, delivery: Delivery, key: ConversationKey,

@@ -22,27 +22,11 @@ through the state store's cooldowns and dedupe like any other reply.
 from __future__ import annotations
 
 import random
-from typing import Protocol
 
-from consumers.triggers import TriggerDecision
-from context.rate_limits import SCOPE_PROACTIVE, LimitCheck, RateLimitLike, rate_key
+from context.rate_limits import SCOPE_PROACTIVE, LimitCheck, rate_key
+from domain.community import ProactivePolicy
+from domain.triggers import TriggerDecision
 from schemas.events import InteractionEvent, MessageType
-
-
-class ProactivePolicyLike(Protocol):
-    """What a community profile's proactive policy looks like (`config.community`)."""
-
-    @property
-    def enabled(self) -> bool: ...
-
-    @property
-    def probability(self) -> float: ...
-
-    @property
-    def min_length(self) -> int: ...
-
-    @property
-    def rate_limit(self) -> RateLimitLike | None: ...
 
 
 def proactive_rate_key(event: InteractionEvent) -> str:
@@ -51,7 +35,7 @@ def proactive_rate_key(event: InteractionEvent) -> str:
 
 
 def proactive_limit_check(
-    event: InteractionEvent, policy: ProactivePolicyLike
+    event: InteractionEvent, policy: ProactivePolicy
 ) -> LimitCheck | None:
     """The limit to hit once the coin said yes; None when the policy sets none."""
     return LimitCheck.of(proactive_rate_key(event), policy.rate_limit)
@@ -103,7 +87,7 @@ class ProactiveDecider:
         self,
         event: InteractionEvent,
         decision: TriggerDecision,
-        policy: ProactivePolicyLike | None,
+        policy: ProactivePolicy | None,
     ) -> bool:
         """The same, straight from a community's policy; no policy means never."""
         if policy is None:
@@ -119,7 +103,6 @@ class ProactiveDecider:
 
 __all__ = [
     "ProactiveDecider",
-    "ProactivePolicyLike",
     "proactive_limit_check",
     "proactive_rate_key",
 ]

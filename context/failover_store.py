@@ -32,94 +32,49 @@ Redis still loading its data set). A pool with every connection in use
 (`RedisBusy`, context/redis_pool.py) is load on this replica: the call fails
 and the event is retried, but the store stays on Redis. A Redis that answers with an error (out of
 memory, a read-only replica, a script bug) is not an outage this store can
-fix by forgetting state, so those errors propagate as before.
+fix by forgetting state, so those errors propagate as before. The rule itself
+(which errors degrade, the watcher that switches back) is `context/redis_link.py`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import time
 from collections.abc import Awaitable, Callable
-from contextlib import suppress
-from typing import TYPE_CHECKING, TypeVar
-
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from typing import TypeVar
 
 from context.memory_store import MemoryStateStore
-from context.redis_pool import BUSY
-from context.store import (
-    Admission,
-    AdmitRequest,
-    ConversationKey,
-    RecordRequest,
-    StateStore,
-    Verdict,
-)
-
-if TYPE_CHECKING:
-    from worker.metrics import Metrics
-
-log = logging.getLogger(__name__)
+from context.redis_link import RedisLink
+from context.store import Admission, AdmitRequest, RecordRequest, StateStore, Verdict
+from domain.conversation import ConversationKey
 
 T = TypeVar("T")
 
 DEGRADED_BACKEND = "memory (redis unreachable)"
 
-# What "Redis is not there" looks like: redis-py wraps socket failures in its own
-# ConnectionError / TimeoutError; OSError and the builtin TimeoutError cover what
-# slips through unwrapped and our own `op_timeout_s` deadline.
-UNREACHABLE: tuple[type[BaseException], ...] = (
-    RedisConnectionError,
-    RedisTimeoutError,
-    TimeoutError,
-    OSError,
-)
-
-
 class FailoverStateStore:
     """StateStore over Redis that falls back to process memory while Redis is unreachable.
 
+    Whether Redis is there is the `RedisLink`'s to say (one flag and one
+    watcher for the whole worker, shared with the rate limiter); its
     `op_timeout_s` bounds every Redis call on top of the client's own socket
     timeouts, so a Redis that accepts connections but never answers costs an
-    event at most that long, once, before the store degrades.
+    event at most that long, once, before the link degrades.
     """
 
-    def __init__(
-        self,
-        primary: StateStore,
-        fallback: MemoryStateStore,
-        metrics: Metrics,
-        *,
-        retry_after_s: float = 5.0,
-        op_timeout_s: float = 2.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        if retry_after_s <= 0 or op_timeout_s <= 0:
-            raise ValueError("retry_after_s and op_timeout_s must be positive")
+    def __init__(self, primary: StateStore, fallback: MemoryStateStore, link: RedisLink) -> None:
         self._primary = primary
         self._fallback = fallback
-        self._metrics = metrics
-        self._retry_after_s = retry_after_s
-        self._op_timeout_s = op_timeout_s
-        self._clock = clock
-        self._degraded = False
-        self._degraded_since = 0.0
-        self._watcher: asyncio.Task[None] | None = None
-        self._closed = False
-        metrics.state_degraded.set(0)
+        self._link = link
 
     @property
     def degraded(self) -> bool:
-        return self._degraded
+        return self._link.degraded
 
     @property
     def backend(self) -> str:
-        return DEGRADED_BACKEND if self._degraded else self._primary.backend
+        return DEGRADED_BACKEND if self.degraded else self._primary.backend
 
     async def admit(self, request: AdmitRequest) -> Admission:
-        if not self._degraded and await self._fallback.was_answered(request.event_id):
+        if not self.degraded and await self._fallback.was_answered(request.event_id):
             # Answered by this replica while Redis was away: Redis has no marker for it.
             return Admission(Verdict.ALREADY_ANSWERED)
         return await self._call("admit", lambda store: store.admit(request))
@@ -152,7 +107,7 @@ class FailoverStateStore:
             event_id, attempt_id, cooldowns=cooldowns))
 
     async def was_answered(self, event_id: str) -> bool:
-        if not self._degraded and await self._fallback.was_answered(event_id):
+        if not self.degraded and await self._fallback.was_answered(event_id):
             return True
         return await self._call("was_answered", lambda store: store.was_answered(event_id))
 
@@ -161,7 +116,7 @@ class FailoverStateStore:
 
     async def get_outcome(self, event_id: str) -> bytes | None:
         found = await self._call("get_outcome", lambda store: store.get_outcome(event_id))
-        if found is None and not self._degraded:
+        if found is None and not self.degraded:
             # Written to memory during an outage that has since ended.
             found = await self._fallback.get_outcome(event_id)
         return found
@@ -175,69 +130,12 @@ class FailoverStateStore:
         await self._call("ping", lambda store: store.ping())
 
     async def aclose(self) -> None:
-        self._closed = True
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with suppress(asyncio.CancelledError):
-                await self._watcher
-            self._watcher = None
+        """Both stores; the link (and its client) is closed by whoever built it."""
         try:
             await self._primary.aclose()
         finally:
             await self._fallback.aclose()
 
     async def _call(self, operation: str, call: Callable[[StateStore], Awaitable[T]]) -> T:
-        if self._degraded:
-            return await call(self._fallback)
-        try:
-            async with asyncio.timeout(self._op_timeout_s):
-                return await call(self._primary)
-        except BUSY:
-            # Every pooled connection in use: load on this replica, not an
-            # outage. Switching to memory would split dedupe and leases from
-            # the other replicas; the event is retried instead.
-            self._metrics.state_errors.labels(operation).inc()
-            raise
-        except UNREACHABLE as exc:
-            self._metrics.state_errors.labels(operation).inc()
-            self._degrade(operation, exc)
-        # Outside the except block, so a failure here is not chained to Redis's.
-        return await call(self._fallback)
-
-    def _degrade(self, operation: str, exc: BaseException) -> None:
-        if self._degraded or self._closed:
-            # Several calls in flight fail together: one warning, one watcher.
-            return
-        self._degraded = True
-        self._degraded_since = self._clock()
-        self._metrics.state_degraded.set(1)
-        log.warning(
-            "Redis unreachable; serving conversation state from process memory "
-            "(dedupe and cooldowns are per replica until it is back)",
-            extra={"action": "state_degraded", "operation": operation, "error": repr(exc),
-                   "retry_after_s": self._retry_after_s},
-        )
-        self._watcher = asyncio.get_running_loop().create_task(
-            self._watch_primary(), name="redis-failover-watch")
-
-    async def _watch_primary(self) -> None:
-        """PING Redis every `retry_after_s` until it answers, then switch back."""
-        while True:
-            await asyncio.sleep(self._retry_after_s)
-            try:
-                async with asyncio.timeout(self._op_timeout_s):
-                    await self._primary.ping()
-            except Exception as exc:
-                log.debug("Redis still unreachable", extra={
-                    "action": "state_probe", "error": repr(exc)})
-                continue
-            self._recover()
-            return
-
-    def _recover(self) -> None:
-        self._degraded = False
-        self._watcher = None
-        self._metrics.state_degraded.set(0)
-        log.info("Redis reachable again; conversation state is shared again",
-                 extra={"action": "state_recovered",
-                        "degraded_for_s": round(self._clock() - self._degraded_since, 3)})
+        return await self._link.run(
+            operation, lambda: call(self._primary), lambda: call(self._fallback))

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from context.store import StateStore
 
 if TYPE_CHECKING:
-    from worker.metrics import Metrics
+    from observability.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
-from context.store import Admission, AdmitRequest, ConversationKey, RecordRequest, Turn, Verdict
+from context.store import Admission, AdmitRequest, RecordRequest, Verdict
+from domain.conversation import ConversationKey, Turn
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")

@@ -32,18 +32,15 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from context.store import Turn
-from providers.base import ChatMessage
-from publishers.safety import reply_limit
+from domain.chat import ChatMessage
+from domain.conversation import Turn
+from domain.persona import Persona
+from domain.platforms import reply_limit
 from schemas.events import InteractionEvent, MessageType, Platform
 from schemas.replies import Trigger
-
-if TYPE_CHECKING:
-    from config.settings import Settings
 
 PLATFORM_NAMES: Mapping[Platform, str] = MappingProxyType(
     {
@@ -124,27 +121,6 @@ DEFAULT_SPEAKER = "viewer"
 _MAX_DETAIL_CHARS = 16
 _SAFE_DETAIL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _WHITESPACE_RE = re.compile(r"\s+")
-
-
-@dataclass(frozen=True)
-class Persona:
-    """Who the bot is in one community; the operator writes it, viewers never do."""
-
-    bot_name: str
-    system_prompt: str
-    max_reply_chars: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.max_reply_chars is not None and self.max_reply_chars < 1:
-            raise ValueError("max_reply_chars must be at least 1 (or None for the platform's)")
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> Persona:
-        return cls(bot_name=settings.bot_name, system_prompt=settings.system_prompt)
-
-    def render(self) -> str:
-        """`str.replace`, not `str.format`: an operator's prompt may contain other braces."""
-        return self.system_prompt.replace("{bot_name}", self.bot_name).strip()
 
 
 def _escape_text(text: str) -> str:
@@ -262,7 +238,6 @@ __all__ = [
     "PLATFORM_NAMES",
     "SECURITY_RULE",
     "TRIGGER_INSTRUCTIONS",
-    "Persona",
     "build_messages",
     "build_system_prompt",
     "event_details",

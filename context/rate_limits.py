@@ -53,8 +53,9 @@ from typing import Any, Protocol
 
 from redis.asyncio import Redis
 
-from context.failover_store import UNREACHABLE
+from context.redis_link import UNREACHABLE, RedisLink
 from context.redis_pool import BUSY, pooled_client
+from domain.community import RateLimit
 
 log = logging.getLogger(__name__)
 
@@ -99,21 +100,11 @@ class LimitCheck:
             raise ValueError(f"window_ms must be a positive int, got {self.window_ms!r}")
 
     @classmethod
-    def of(cls, key: str, rate: RateLimitLike | None) -> LimitCheck | None:
+    def of(cls, key: str, rate: RateLimit | None) -> LimitCheck | None:
         """From a configured limit in seconds; None (no check) when none is configured."""
         if rate is None:
             return None
         return cls(key, rate.limit, max(1, round(rate.window_s * 1000)))
-
-
-class RateLimitLike(Protocol):
-    """What a community profile's rate limit looks like (`config.community.RateLimit`)."""
-
-    @property
-    def limit(self) -> int: ...
-
-    @property
-    def window_s(self) -> float: ...
 
 
 class RateLimiter(Protocol):
@@ -494,12 +485,13 @@ class MemoryRateLimiter(_OneKeyHit):
 class FailoverRateLimiter(_OneKeyHit):
     """Redis when it answers, process memory when it does not, like the state store.
 
-    A dead Redis must not turn every reply into an error: while the state
-    store is degraded (`degraded()` is true) limits are counted in memory
-    without asking Redis, and a call that finds Redis unreachable before the
-    store notices is answered from memory too. While degraded, limits are
-    per replica, so a deployment of N replicas can let up to N times a limit
-    through; hits counted in memory are not copied to Redis afterwards.
+    A dead Redis must not turn every reply into an error: while the worker's
+    `RedisLink` is degraded (the one outage flag, shared with the state
+    store) limits are counted in memory without asking Redis, and a call that
+    finds Redis unreachable is answered from memory too and tells the link.
+    While degraded, limits are per replica, so a deployment of N replicas can
+    let up to N times a limit through; hits counted in memory are not copied
+    to Redis afterwards. Without a link, each call finds out for itself.
     """
 
     def __init__(
@@ -507,16 +499,20 @@ class FailoverRateLimiter(_OneKeyHit):
         primary: RateLimiter,
         fallback: MemoryRateLimiter,
         *,
-        degraded: Callable[[], bool] = lambda: False,
+        link: RedisLink | None = None,
         op_timeout_s: float = 2.0,
     ) -> None:
+        """`op_timeout_s` bounds a Redis call when there is no link (else the link's)."""
         if op_timeout_s <= 0:
             raise ValueError("op_timeout_s must be positive")
         self._primary = primary
         self._fallback = fallback
-        self._degraded = degraded
-        self._op_timeout_s = op_timeout_s
+        self._link = link
+        self._op_timeout_s = link.op_timeout_s if link is not None else op_timeout_s
         self._failing = False
+
+    def _degraded(self) -> bool:
+        return self._link is not None and self._link.degraded
 
     @property
     def backend(self) -> str:
@@ -539,8 +535,10 @@ class FailoverRateLimiter(_OneKeyHit):
             # this event a budget of its own; the event is retried instead.
             raise
         except UNREACHABLE as exc:
-            if not self._failing:
-                # One warning per outage; the state store reports the outage itself.
+            if self._link is not None:
+                # The one outage flag: the link warns once and starts its watcher.
+                self._link.degrade("hit_all", exc)
+            elif not self._failing:
                 self._failing = True
                 log.warning("Redis unreachable; counting rate limits in process memory",
                             extra={"action": "rate_limits_degraded", "error": repr(exc)})
@@ -564,7 +562,6 @@ __all__ = [
     "LimitCheck",
     "MemoryRateLimiter",
     "RateDecision",
-    "RateLimitLike",
     "RateLimiter",
     "RedisRateLimiter",
     "check_limits",

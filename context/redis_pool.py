@@ -22,13 +22,15 @@ from redis.asyncio.connection import Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MaxConnectionsError, RedisError
 
+from schemas.errors import WaddleError
+
 POOL_MAX_CONNECTIONS = 100
 # How long a call may wait for a free connection. Callers keep it under their
 # own deadline for a Redis call, so that deadline measures Redis, not the queue.
 POOL_WAIT_S = 0.75
 
 
-class RedisBusy(RedisError):
+class RedisBusy(WaddleError, RedisError):
     """No pooled connection came free in time: this replica is busy, Redis is not down."""
 
 

@@ -32,7 +32,8 @@ import orjson
 from redis.asyncio import Redis
 
 from context.redis_pool import pooled_client
-from context.store import Admission, AdmitRequest, ConversationKey, RecordRequest, Turn, Verdict
+from context.store import Admission, AdmitRequest, RecordRequest, Verdict
+from domain.conversation import ConversationKey, Turn
 
 log = logging.getLogger(__name__)
 

@@ -17,25 +17,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Literal, Protocol
+from typing import Protocol
 
-Role = Literal["user", "assistant"]
-
-
-@dataclass(frozen=True, slots=True)
-class Turn:
-    role: Role
-    content: str
-    # For user turns: the display name of who said it (prompts address people by name).
-    speaker: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class ConversationKey:
-    community_id: str
-    channel_id: str
-    user_id: str
-    platform: str
+from domain.conversation import ConversationKey, Turn
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,17 +9,12 @@ whichever the client asked for.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
-Role = Literal["system", "user", "assistant"]
-
-
-@dataclass(frozen=True, slots=True)
-class ChatMessage:
-    role: Role
-    content: str
+from domain.chat import ChatMessage
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,3 +112,11 @@ async def collect(provider: Provider, request: ChatRequest) -> Completion:
         usage=usage,
         finish_reason=finish_reason,
     )
+
+
+async def close_stream(chunks: AsyncIterator[CompletionChunk]) -> None:
+    """Close a provider's stream so its HTTP response is released now, not at GC."""
+    close = getattr(chunks, "aclose", None)
+    if close is not None:
+        with contextlib.suppress(Exception):
+            await close()

@@ -40,8 +40,8 @@ from collections.abc import Callable
 from enum import IntEnum
 from types import TracebackType
 
+from observability.metrics import Metrics
 from providers.errors import ProviderError, ProviderUnavailable
-from worker.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -10,10 +10,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
+from schemas.errors import WaddleError
+from schemas.headers import ErrorType
 
-class ProviderError(Exception):
+
+class ProviderError(WaddleError):
     retryable: bool = True
-    error_type: str = "provider_failed"
+    error_type: ErrorType = ErrorType.PROVIDER_FAILED
     # True: one such failure opens the provider's circuit at once, rather
     # than after CIRCUIT_FAILURE_THRESHOLD in a row (see ProviderAuthFailed).
     opens_circuit: bool = False
@@ -26,17 +29,17 @@ class ProviderError(Exception):
 
 
 class ProviderTimeout(ProviderError):
-    error_type = "provider_timeout"
+    error_type = ErrorType.PROVIDER_TIMEOUT
 
 
 class ProviderUnavailable(ProviderError):
     """Connection refused, DNS failure, 5xx, a stream cut short, circuit open."""
 
-    error_type = "provider_unavailable"
+    error_type = ErrorType.PROVIDER_UNAVAILABLE
 
 
 class ProviderRateLimited(ProviderError):
-    error_type = "provider_rate_limited"
+    error_type = ErrorType.PROVIDER_RATE_LIMITED
 
     def __init__(self, provider: str, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(provider, message)
@@ -53,7 +56,7 @@ class ProviderAuthFailed(ProviderError):
     occurrence, since a second request would only be refused again.
     """
 
-    error_type = "upstream_auth_failed"
+    error_type = ErrorType.UPSTREAM_AUTH_FAILED
     opens_circuit = True
 
     def __init__(self, provider: str, status: int, detail: str) -> None:
@@ -65,7 +68,7 @@ class ProviderBadRequest(ProviderError):
     """The backend refused the request (4xx other than 429, unknown model...)."""
 
     retryable = False
-    error_type = "provider_bad_request"
+    error_type = ErrorType.PROVIDER_BAD_REQUEST
 
 
 class ProviderBadOutput(ProviderError):
@@ -75,7 +78,7 @@ class ProviderBadOutput(ProviderError):
     the retry budget bounds the cost when it is not.
     """
 
-    error_type = "provider_bad_output"
+    error_type = ErrorType.PROVIDER_BAD_OUTPUT
 
 
 def log_provider_failure(

@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from config.settings import ProviderName, Settings
+from config.settings import Settings
+from domain.provider_names import ProviderName
 from providers.base import Provider
 from providers.local import LocalModel, LocalProvider
 from providers.ollama import OllamaProvider

@@ -48,6 +48,7 @@ from providers.errors import (
 )
 from providers.http import error_for_status, excerpt
 from providers.openai_compat import ChunkParser
+from schemas.errors import WaddleError
 
 if TYPE_CHECKING:
     from config.settings import Settings
@@ -68,7 +69,7 @@ ChunkSink = Callable[[dict[str, Any]], None]
 STOP_WAIT_S = 5.0
 
 
-class LocalModelUnavailable(RuntimeError):
+class LocalModelUnavailable(WaddleError, RuntimeError):
     """The embedded model cannot run here: the runtime or the weights are missing."""
 
 

@@ -35,7 +35,7 @@ from providers.breaker import CircuitBreaker
 from providers.errors import ProviderError, ProviderTimeout, ProviderUnavailable
 
 if TYPE_CHECKING:
-    from worker.metrics import Metrics
+    from observability.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -24,21 +24,30 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
-from config.settings import ProviderName
-from providers.base import ChatRequest, Completion, Provider, collect
+from domain.provider_names import ProviderName
+from observability.metrics import Metrics
+from providers.base import (
+    ChatRequest,
+    Completion,
+    CompletionChunk,
+    Provider,
+    TokenUsage,
+    close_stream,
+)
 from providers.breaker import (
     DEFAULT_FAILURE_THRESHOLD,
     DEFAULT_OPEN_S,
     CircuitBreaker,
     CircuitOpen,
     Clock,
+    Ticket,
 )
 from providers.errors import ProviderError, log_provider_failure
 from providers.factory import Endpoint
 from providers.probe import CircuitProber
-from worker.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +68,14 @@ class ProviderRouter:
         clock: Clock = time.monotonic,
         endpoint_factory: EndpointFactory | None = None,
         probe_s: float | None = None,
+        secrets: Sequence[str] = (),
     ) -> None:
-        """`probe_s`: how often an open circuit's health endpoint is asked (None: never)."""
+        """`probe_s`: how often an open circuit's health endpoint is asked (None: never).
+
+        `secrets`: API keys to blank out of the failures it logs.
+        """
         self._providers = dict(providers)
+        self._secrets = tuple(s for s in secrets if s)
         self._metrics = metrics
         self._breaker_options = {
             "failure_threshold": failure_threshold, "open_s": open_s, "clock": clock}
@@ -95,6 +109,10 @@ class ProviderRouter:
                                metrics=self._metrics, clock=self._clock)
         self._probers[breaker] = prober
         prober.start()
+
+    def hide(self, secrets: Sequence[str]) -> None:
+        """API keys never to appear in the failures it logs (a backend may echo one)."""
+        self._secrets = (*self._secrets, *(s for s in secrets if s and s not in self._secrets))
 
     def refused(self, key: ProviderKey) -> CircuitOpen:
         """A request `key`'s open circuit refused: counted, and the error saying why."""
@@ -158,56 +176,84 @@ class ProviderRouter:
         """`closed`, `half_open` or `open`, for /readyz."""
         return self.breaker(key).state.label
 
+    async def open_stream(
+        self, chain: Sequence[ProviderKey], request: ChatRequest
+    ) -> ProviderStream:
+        """The answer of the first provider in `chain` that gives a first piece.
+
+        Each provider is asked through its circuit breaker: an open circuit
+        skips it without a request. A retryable failure before the first
+        piece moves on to the next provider; after it, the caller has seen
+        part of one provider's answer, so an error can only end the stream.
+        """
+        return await self._open(chain, request, _Attempts(), 0)
+
     async def complete(
         self, chain: Sequence[ProviderKey], request: ChatRequest
     ) -> Completion:
-        """Stream the answer from the first provider in `chain` that gives one."""
+        """Stream the answer from the first provider in `chain` that gives one, joined.
+
+        Nobody has seen a piece of a collected answer, so a provider that fails
+        mid-answer is left for the next one in the chain, as if it had failed
+        before its first piece.
+        """
+        attempts = _Attempts()
+        start = 0
+        while True:
+            stream = await self._open(chain, request, attempts, start)
+            try:
+                return await stream.collect()
+            except ProviderError as exc:
+                if not exc.retryable:
+                    raise
+                log_provider_failure(log, "provider failed", exc, self._secrets)
+                start = stream.position + 1
+            finally:
+                await stream.aclose()
+
+    async def _open(
+        self, chain: Sequence[ProviderKey], request: ChatRequest, attempts: _Attempts,
+        start: int,
+    ) -> ProviderStream:
         if not chain:
             raise ValueError("no provider to ask")
-        real_error: ProviderError | None = None
-        refusals: list[CircuitOpen] = []
-        for position, name in enumerate(chain):
-            provider = self.get(name)
-            breaker = self._breakers[name]
-            ticket = breaker.allow()
+        for position in range(start, len(chain)):
+            key = chain[position]
+            provider = self.get(key)
+            ticket = self._breakers[key].allow()
             if ticket is None:
                 # Debug only: while a circuit is open this happens on every
                 # event, and the transition itself was logged once.
                 log.debug("provider skipped: circuit open", extra={
                     "action": "provider_call", "provider": provider.name,
                     "error_type": CircuitOpen.error_type})
-                refusals.append(self.refused(name))
+                attempts.refusals.append(self.refused(key))
                 continue
+            asked = request if position == 0 else _without_model(request)
             started = time.perf_counter()
+            chunks = provider.stream(asked)
             try:
-                with ticket:
-                    completion = await collect(
-                        provider, request if position == 0 else _without_model(request))
+                first: CompletionChunk | None = await anext(chunks)
+            except StopAsyncIteration:
+                first = None
             except ProviderError as exc:
+                ticket.record_failure(exc)
+                await close_stream(chunks)
+                attempts.failed(exc)
                 self._metrics.provider_errors.labels(provider.name, exc.error_type).inc()
-                real_error = exc
                 if not exc.retryable:
                     raise
-                log_provider_failure(log, "provider failed", exc)
+                log_provider_failure(log, "provider failed", exc, self._secrets)
                 continue
-            self._metrics.provider_latency.labels(provider.name).observe(
-                time.perf_counter() - started)
-            if position > 0:
-                primary = self.get(chain[0]).name
-                self._metrics.fallbacks.labels(primary, provider.name).inc()
-                failed_before = real_error or (refusals[-1] if refusals else None)
-                log.info("answered by a fallback provider", extra={
-                    "action": "fallback", "provider": provider.name, "primary": primary,
-                    "error_type": failed_before.error_type if failed_before else None})
-            return completion
-        if real_error is not None:
-            # A provider was asked and failed: that is what happened to this
-            # event, whatever circuits refused the rest of the chain.
-            raise real_error
-        # Every circuit refused: the first that may close is when to look again.
-        last = refusals[-1]
-        raise CircuitOpen(last.provider, min(r.retry_after_s or 0.0 for r in refusals),
-                          last.last_error)
+            except BaseException:
+                ticket.release()
+                await close_stream(chunks)
+                raise
+            return ProviderStream(
+                provider, position, asked, first, chunks, ticket,
+                started=started, metrics=self._metrics, attempts=attempts,
+                primary=self.get(chain[0]).name)
+        raise attempts.error()
 
     async def aclose(self) -> None:
         self._closed = True
@@ -216,6 +262,115 @@ class ProviderRouter:
         self._probers.clear()
         for provider in [*self._providers.values(), *self._endpoints.values(), *self._retired]:
             await provider.aclose()
+
+
+@dataclass(slots=True)
+class _Attempts:
+    """What happened to the providers of one chain asked so far."""
+
+    real_error: ProviderError | None = None
+    refusals: list[CircuitOpen] = field(default_factory=list)
+
+    def failed(self, exc: ProviderError) -> None:
+        self.real_error = exc
+
+    @property
+    def failed_before(self) -> ProviderError | None:
+        return self.real_error or (self.refusals[-1] if self.refusals else None)
+
+    def error(self) -> ProviderError:
+        """Why no provider answered."""
+        if self.real_error is not None:
+            # A provider was asked and failed: that is what happened to this
+            # request, whatever circuits refused the rest of the chain.
+            return self.real_error
+        # Every circuit refused: the first that may close is when to look again.
+        last = self.refusals[-1]
+        return CircuitOpen(last.provider, min(r.retry_after_s or 0.0 for r in self.refusals),
+                           last.last_error)
+
+
+class ProviderStream:
+    """One provider's answer, opened by `ProviderRouter.open_stream`.
+
+    Its first piece is already there; the rest arrives as `pieces()` is
+    iterated. The circuit breaker's verdict and the provider metrics are
+    settled by the stream itself: a success when it runs out, a failure on a
+    provider error, and no verdict at all when the caller leaves early
+    (`aclose()` before the end gives the breaker's ticket back).
+    """
+
+    def __init__(
+        self, provider: Provider, position: int, request: ChatRequest,
+        first: CompletionChunk | None, chunks: AsyncIterator[CompletionChunk], ticket: Ticket,
+        *, started: float, metrics: Metrics, attempts: _Attempts, primary: str,
+    ) -> None:
+        self.provider = provider
+        # Where in the chain it stands: 0 is the primary, more is a fallback.
+        self.position = position
+        self.request = request
+        self.first = first
+        self._chunks = chunks
+        self._ticket = ticket
+        self._started = started
+        self._metrics = metrics
+        self._attempts = attempts
+        self._primary = primary
+
+    @property
+    def model(self) -> str:
+        """The model that answers, as far as it is known before the end."""
+        if self.first is not None and self.first.model:
+            return self.first.model
+        return self.request.model or self.provider.default_model
+
+    async def pieces(self) -> AsyncGenerator[CompletionChunk, None]:
+        """Every piece, the first included; a `ProviderError` ends it, counted."""
+        piece = self.first
+        try:
+            while piece is not None:
+                yield piece
+                piece = await anext(self._chunks, None)
+        except ProviderError as exc:
+            self._ticket.record_failure(exc)
+            self._attempts.failed(exc)
+            self._metrics.provider_errors.labels(self.provider.name, exc.error_type).inc()
+            raise
+        self._ticket.record_success()
+        self._answered()
+
+    async def collect(self) -> Completion:
+        """The whole answer in one `Completion`."""
+        parts: list[str] = []
+        model = self.request.model or self.provider.default_model
+        usage = TokenUsage()
+        finish_reason: str | None = None
+        async for piece in self.pieces():
+            if piece.text:
+                parts.append(piece.text)
+            if piece.model:
+                model = piece.model
+            if piece.usage is not None:
+                usage = piece.usage
+            if piece.finish_reason is not None:
+                finish_reason = piece.finish_reason
+        return Completion(text="".join(parts), model=model, provider=self.provider.name,
+                          usage=usage, finish_reason=finish_reason)
+
+    async def aclose(self) -> None:
+        """Release the provider's response; a stream left before its end judged nothing."""
+        self._ticket.release()
+        await close_stream(self._chunks)
+
+    def _answered(self) -> None:
+        name = self.provider.name
+        self._metrics.provider_latency.labels(name).observe(time.perf_counter() - self._started)
+        if self.position > 0:
+            self._metrics.fallbacks.labels(self._primary, name).inc()
+            failed_before = self._attempts.failed_before
+            log.info("answered by a fallback provider", extra={
+                "action": "fallback", "provider": name, "primary": self._primary,
+                "error_type": failed_before.error_type if failed_before else None})
 
 
 def _without_model(request: ChatRequest) -> ChatRequest:

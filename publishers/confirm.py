@@ -14,6 +14,8 @@ import logging
 from aio_pika.abc import AbstractExchange, AbstractMessage, AbstractRobustChannel
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, DeliveryError, PublishError
 
+from schemas.errors import WaddleError
+
 log = logging.getLogger(__name__)
 
 PUBLISH_TIMEOUT_S = 30.0
@@ -24,7 +26,7 @@ RECONNECT_WAIT_S = 30.0
 READY_POLL_S = 0.1
 
 
-class PublishFailed(Exception):
+class PublishFailed(WaddleError):
     """The broker did not take the message: nacked, unroutable, or the connection is down."""
 
 
@@ -88,7 +90,7 @@ async def publish_confirmed(
         raise PublishFailed(f"{where}: {lost.cause!r} (after a reconnect)") from lost.cause
 
 
-class _ConnectionLost(Exception):
+class _ConnectionLost(WaddleError):
     """Internal: the publish failed because the channel or connection went away."""
 
     def __init__(self, cause: BaseException) -> None:

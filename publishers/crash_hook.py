@@ -18,9 +18,9 @@ import os
 
 from aio_pika.abc import AbstractChannel
 
+from observability.metrics import Metrics
 from publishers.replies import ReplyPublisher
 from schemas.replies import Reply
-from worker.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ MAX_ERROR_CHARS = 1000
 
 @dataclass(frozen=True, slots=True)
 class Failure:
-    error_type: str
+    error_type: headers.ErrorType
     error: str
 
 

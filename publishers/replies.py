@@ -13,10 +13,11 @@ import logging
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange
 
+from observability.metrics import Metrics
 from publishers.confirm import PublishFailed, Unroutable, publish_confirmed
 from schemas import headers
+from schemas.headers import ErrorType
 from schemas.replies import Reply
-from worker.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class ReplyPublisher:
                 f"reply unroutable: no queue is bound to exchange {exc.exchange!r} for "
                 f"routing key {exc.routing_key!r}; is the router running and bound?",
                 extra={"action": "publish_reply", "exchange": exc.exchange,
-                       "routing_key": exc.routing_key, "error_type": "unroutable"})
+                       "routing_key": exc.routing_key, "error_type": ErrorType.UNROUTABLE})
             raise
 
 

@@ -40,21 +40,11 @@ Decisions on the cases the brief leaves open:
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from functools import lru_cache
-from types import MappingProxyType
 
+from domain.platforms import reply_limit
 from schemas.events import Platform
-
-PLATFORM_LIMITS: Mapping[Platform, int] = MappingProxyType(
-    {
-        Platform.TWITCH: 500,
-        Platform.KICK: 500,
-        Platform.YOUTUBE: 200,
-        Platform.DISCORD: 2000,
-        Platform.SLACK: 4000,
-    }
-)
 
 ELLIPSIS = "…"
 ZWSP = "\u200b"
@@ -242,16 +232,6 @@ def trim_to_limit(text: str, limit: int) -> str:
     return head + ELLIPSIS
 
 
-def reply_limit(platform: Platform, max_chars: int | None = None) -> int:
-    """The smaller of the platform's limit and the community's own."""
-    limit = PLATFORM_LIMITS[platform]
-    if max_chars is not None:
-        if max_chars < 1:
-            raise ValueError("max_chars must be at least 1")
-        limit = min(limit, max_chars)
-    return limit
-
-
 def make_safe(
     text: str,
     platform: Platform,
@@ -318,7 +298,6 @@ __all__ = [
     "BLOCKED_MASK",
     "ELLIPSIS",
     "LINK_PLACEHOLDER",
-    "PLATFORM_LIMITS",
     "ZWSP",
     "collapse_whitespace",
     "contains_blocked_word",
@@ -327,7 +306,6 @@ __all__ = [
     "mask_blocked_words",
     "neutralise_mentions",
     "remove_links",
-    "reply_limit",
     "strip_leading_commands",
     "strip_prompt_wrapper",
     "strip_reasoning",

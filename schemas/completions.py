@@ -1,6 +1,6 @@
 """What the completions API answers (HTTP and AMQP RPC), and what the sidecar's probes say.
 
-The request is validated by `providers.completions.CompletionRequest`; the
+The request is validated by `consumers.completion_service.CompletionRequest`; the
 answers are built as plain dicts on the hot path. These models are their
 published shape: the OpenAPI document (`worker.openapi`) and the AsyncAPI
 document (docs/asyncapi.yaml) are derived from them, and the tests hold the

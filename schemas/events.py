@@ -14,6 +14,9 @@ from typing import Annotated, Any
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
+from schemas.errors import WaddleError
+from schemas.headers import ErrorType
+
 Id = Annotated[str, StringConstraints(min_length=1, max_length=255)]
 
 
@@ -65,10 +68,10 @@ class InteractionEvent(BaseModel):
         return (self.display_name or self.username).strip() or self.username
 
 
-class EventError(ValueError):
+class EventError(WaddleError, ValueError):
     """A body that can never become a valid event; `error_type` goes in `x-error-type`."""
 
-    def __init__(self, error_type: str, message: str) -> None:
+    def __init__(self, error_type: ErrorType, message: str) -> None:
         super().__init__(message)
         self.error_type = error_type
 
@@ -80,20 +83,20 @@ def parse_event(body: bytes) -> InteractionEvent:
     """Bytes from the broker to a validated event, or an `EventError` saying why not."""
     if len(body) > MAX_BODY_BYTES:
         raise EventError(
-            "invalid_schema", f"body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}"
+            ErrorType.INVALID_SCHEMA, f"body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}"
         )
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise EventError("invalid_json", f"body is not JSON (UTF-8): {exc}") from None
+        raise EventError(ErrorType.INVALID_JSON, f"body is not JSON (UTF-8): {exc}") from None
     if not isinstance(data, dict):
         raise EventError(
-            "invalid_schema", f"body is a JSON {type(data).__name__}, not an object"
+            ErrorType.INVALID_SCHEMA, f"body is a JSON {type(data).__name__}, not an object"
         )
     try:
         return InteractionEvent.model_validate(data)
     except ValidationError as exc:
-        raise EventError("invalid_schema", _describe(exc)) from None
+        raise EventError(ErrorType.INVALID_SCHEMA, _describe(exc)) from None
 
 
 def _describe(exc: ValidationError) -> str:

@@ -37,3 +37,16 @@ class ErrorType(StrEnum):
     UNROUTABLE = "unroutable"
     INTERNAL_ERROR = "internal_error"
     STALE = "stale"
+    # The provider's own failures (`providers.errors`), each its class's `error_type`.
+    PROVIDER_TIMEOUT = "provider_timeout"
+    PROVIDER_UNAVAILABLE = "provider_unavailable"
+    PROVIDER_RATE_LIMITED = "provider_rate_limited"
+    PROVIDER_BAD_REQUEST = "provider_bad_request"
+    PROVIDER_BAD_OUTPUT = "provider_bad_output"
+    # Ours: the provider refused the worker's own credentials (401/403).
+    UPSTREAM_AUTH_FAILED = "upstream_auth_failed"
+    # Ours, on deferred copies (no retry spent): every circuit of the chain is
+    # open; another copy of the event holds its lease; this attempt's lease ran out.
+    CIRCUIT_OPEN = "circuit_open"
+    IN_FLIGHT_ELSEWHERE = "in_flight_elsewhere"
+    LEASE_LOST = "lease_lost"

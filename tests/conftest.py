@@ -24,11 +24,11 @@ import redis.asyncio as aioredis
 
 from broker.topology import Topology
 from config.settings import Settings
+from observability.logs import JsonFormatter, UserHasher
 from tests.replies import ReplyCounter
 from tests.required_tools import REQUIRED_TOOL, pytest_runtest_makereport
 from worker.app import App, topology_for
 from worker.client import RouterClient
-from worker.logs import JsonFormatter, UserHasher
 
 # The hook is this conftest's: in CI, a required tool's skip fails (tests/required_tools.py).
 __all__ = ["REQUIRED_TOOL", "pytest_runtest_makereport"]

@@ -26,8 +26,8 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from broker.topology import Topology
+from consumers.completion_service import CompletionRequest
 from consumers.completions import STATUS_HEADER
-from providers.completions import CompletionRequest
 from schemas import headers
 from schemas.completions import ChatCompletion, ErrorResponse
 from schemas.events import InteractionEvent

@@ -21,9 +21,10 @@ from config.community import EnvCommunityConfig
 from config.settings import Settings
 from consumers.pipeline import reply_token_budget
 from context.prompts import build_messages
+from domain.platforms import reply_limit
 from providers.base import ChatRequest
 from providers.local import LocalModel, LocalProvider
-from publishers.safety import make_safe, reply_limit
+from publishers.safety import make_safe
 from schemas.events import parse_event
 from schemas.replies import Trigger
 from tests.conftest import HAS_LOCAL_MODEL, REQUIRED_TOOL

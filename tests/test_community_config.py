@@ -19,7 +19,7 @@ import asyncpg
 import pytest
 from pydantic import ValidationError
 
-from config.community import CommunityProfile, EnvCommunityConfig, RateLimit
+from config.community import EnvCommunityConfig
 from config.database import Pool, create_pool, redact_dsn
 from config.migrate import MigrationError, applied_versions, load_migrations, migrate
 from config.repository import (
@@ -34,9 +34,7 @@ from config.secrets import (
     EncryptionDisabledError,
     KeyBox,
     KeyBoxError,
-    Secret,
     generate_key,
-    mask,
 )
 from config.service import (
     ALL_COMMUNITIES,
@@ -46,8 +44,11 @@ from config.service import (
     notified_community,
     open_community_config,
 )
-from config.settings import ProviderName, Settings
-from context.store import ConversationKey, Turn
+from config.settings import Settings
+from domain.community import CommunityProfile, RateLimit
+from domain.conversation import ConversationKey, Turn
+from domain.provider_names import ProviderName
+from domain.secret import Secret, mask
 from schemas.events import MessageType
 from schemas.replies import Trigger
 from tests.conftest import DATABASE_URL, with_search_path

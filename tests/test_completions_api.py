@@ -20,17 +20,17 @@ import openai
 import orjson
 import pytest
 
-from config.settings import ProviderName
+from consumers.completion_service import MAX_BODY_BYTES, MAX_CONTENT_CHARS, CompletionService
+from domain.provider_names import ProviderName
+from observability.metrics import Metrics
 from providers.base import Provider
 from providers.breaker import DEFAULT_FAILURE_THRESHOLD, DEFAULT_OPEN_S
-from providers.completions import MAX_BODY_BYTES, MAX_CONTENT_CHARS, CompletionService
 from providers.errors import ProviderUnavailable
 from providers.ollama import OllamaProvider
 from providers.openai_compat import OpenAICompatProvider
 from providers.router import ProviderRouter
 from tests.fake_provider import DEFAULT_REPLY, Behaviour, FakeProvider
 from worker.completions_api import completion_routes
-from worker.metrics import Metrics
 from worker.sidecar import Sidecar
 
 KEY = "wk-test-key-0123456789abcdef"

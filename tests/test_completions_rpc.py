@@ -22,14 +22,15 @@ import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 
 from broker.topology import Topology
-from config.settings import ProviderName, Settings
+from config.settings import Settings
+from consumers.completion_service import CompletionService
 from consumers.completions import CompletionsRpcConsumer
-from providers.completions import CompletionService
+from domain.provider_names import ProviderName
+from observability.metrics import Metrics
 from providers.ollama import OllamaProvider
 from providers.router import ProviderRouter
 from tests.conftest import AMQP_URL, queue_depth, running_worker
 from tests.fake_provider import DEFAULT_REPLY, FakeProvider
-from worker.metrics import Metrics
 
 HELLO = [{"role": "user", "content": "hello bot"}]
 REPLY_TIMEOUT_S = 10.0

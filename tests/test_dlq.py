@@ -32,16 +32,9 @@ from tests.conftest import AMQP_URL, queue_depth, running_worker
 from tests.fake_provider import FakeProvider
 from tests.test_cli import clean_env
 from worker.client import RouterClient, make_event
-from worker.dlq import (
-    DeadLetter,
-    DeadLetterBox,
-    ProgressBar,
-    Selection,
-    letter_id,
-    preview,
-    render_table,
-    replay_headers,
-)
+from worker.dlq.box import DeadLetterBox
+from worker.dlq.letters import DeadLetter, Selection, letter_id, preview, replay_headers
+from worker.dlq.render import ProgressBar, render_table
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 BAD_BODY = b"{not json"

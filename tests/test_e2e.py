@@ -19,7 +19,8 @@ import pytest
 
 from broker.topology import Topology
 from config.settings import Settings
-from context.store import AdmitRequest, ConversationKey
+from context.store import AdmitRequest
+from domain.conversation import ConversationKey
 from schemas import headers
 from schemas.events import Platform
 from schemas.replies import Reply, Trigger

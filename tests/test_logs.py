@@ -12,11 +12,11 @@ import orjson
 import pytest
 
 from config.settings import Settings
+from observability.logs import UserHasher, bind, configure_logging
 from tests.conftest import AMQP_URL, LOG_HASH_TEST_KEY, REDIS_URL, capture_logs, running_worker
 from tests.fake_provider import FakeProvider
 from tests.worker_process import WorkerLauncher, WorkerProcess
 from worker.client import RouterClient, make_event
-from worker.logs import UserHasher, bind, configure_logging
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 

@@ -20,16 +20,16 @@ import pytest
 from aiohttp import web
 from openapi_spec_validator import validate
 
-from config.settings import ProviderName
+from consumers.completion_service import CompletionError, CompletionService, parse_request
 from context.memory_store import MemoryStateStore
-from providers.completions import CompletionError, CompletionService, parse_request
+from domain.provider_names import ProviderName
+from observability.metrics import Metrics
 from providers.ollama import OllamaProvider
 from providers.router import ProviderRouter
 from schemas.completions import ChatCompletionChunk, ErrorResponse
 from tests.fake_provider import FakeProvider
 from worker.app import sidecar_routes
 from worker.completions_api import completion_routes
-from worker.metrics import Metrics
 from worker.openapi import build_openapi
 from worker.sidecar import Sidecar
 

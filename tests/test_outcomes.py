@@ -22,8 +22,8 @@ from consumers.outcomes import (
     reason_text,
     stale_detail,
 )
-from consumers.triggers import SkipReason
 from context.memory_store import MemoryStateStore
+from domain.triggers import SkipReason
 from schemas.outcomes import OutcomeRecord
 
 

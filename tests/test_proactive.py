@@ -12,8 +12,8 @@ from consumers.proactive import (
     proactive_limit_check,
     proactive_rate_key,
 )
-from consumers.triggers import TriggerDecision, TriggerRules, detect_trigger
 from context.rate_limits import LimitCheck, MemoryRateLimiter
+from domain.triggers import TriggerDecision, TriggerRules, detect_trigger
 from schemas.events import InteractionEvent, MessageType, Platform
 from schemas.replies import Trigger
 

@@ -5,20 +5,21 @@ from typing import Any
 
 import pytest
 
+from config.community import persona_from_settings
 from config.settings import DEFAULT_SYSTEM_PROMPT, Settings
 from context.prompts import (
     PLATFORM_NAMES,
     SECURITY_RULE,
     TRIGGER_INSTRUCTIONS,
-    Persona,
     build_messages,
     build_system_prompt,
     event_details,
     safe_detail,
     wrap_user_text,
 )
-from context.store import Turn
-from providers.base import ChatMessage
+from domain.chat import ChatMessage
+from domain.conversation import Turn
+from domain.persona import Persona
 from schemas.events import InteractionEvent, MessageType, Platform
 from schemas.replies import Trigger
 
@@ -96,7 +97,7 @@ def test_persona_with_other_braces_does_not_crash() -> None:
 
 
 def test_persona_from_settings() -> None:
-    persona = Persona.from_settings(Settings(bot_name="Pingu"))
+    persona = persona_from_settings(Settings(bot_name="Pingu"))
     assert persona.bot_name == "Pingu"
     assert persona.system_prompt == DEFAULT_SYSTEM_PROMPT
     assert persona.max_reply_chars is None

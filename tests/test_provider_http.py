@@ -10,7 +10,8 @@ from contextlib import aclosing, asynccontextmanager
 import pytest
 from aiohttp import web
 
-from providers.base import ChatMessage, ChatRequest, Provider, collect
+from domain.chat import ChatMessage
+from providers.base import ChatRequest, Provider, collect
 from providers.errors import ProviderBadOutput
 from providers.http import LineSplitter, ServerSentEvent, SSEDecoder
 from providers.ollama import OllamaProvider

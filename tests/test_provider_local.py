@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from config.settings import ProviderName, Settings
-from providers.base import ChatMessage, ChatRequest, CompletionChunk, Provider, collect
+from config.settings import Settings
+from domain.chat import ChatMessage
+from domain.provider_names import ProviderName
+from providers.base import ChatRequest, CompletionChunk, Provider, collect
 from providers.errors import ProviderBadRequest, ProviderTimeout, ProviderUnavailable
 from providers.factory import build_provider
 from providers.local import (

@@ -11,8 +11,10 @@ from email.utils import format_datetime
 
 import pytest
 
-from config.settings import ProviderName, Settings
-from providers.base import ChatMessage, ChatRequest, CompletionChunk, Provider, collect
+from config.settings import Settings
+from domain.chat import ChatMessage
+from domain.provider_names import ProviderName
+from providers.base import ChatRequest, CompletionChunk, Provider, collect
 from providers.errors import (
     ProviderBadOutput,
     ProviderBadRequest,

@@ -7,8 +7,10 @@ from contextlib import aclosing
 
 import pytest
 
-from config.settings import ProviderName, Settings
-from providers.base import ChatMessage, ChatRequest, CompletionChunk, Provider, collect
+from config.settings import Settings
+from domain.chat import ChatMessage
+from domain.provider_names import ProviderName
+from providers.base import ChatRequest, CompletionChunk, Provider, collect
 from providers.errors import (
     ProviderAuthFailed,
     ProviderBadOutput,

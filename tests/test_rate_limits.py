@@ -33,6 +33,8 @@ from context.rate_limits import (
     rate_key,
     user_rate_key,
 )
+from context.redis_link import RedisLink
+from observability.metrics import Metrics
 from tests.conftest import REDIS_URL
 from tests.redis_wire import RecordingConnection, WireLog
 
@@ -454,12 +456,30 @@ async def test_failover_counts_in_memory_when_redis_is_unreachable() -> None:
 
 async def test_failover_skips_redis_while_the_store_is_degraded() -> None:
     primary = Unreachable()
-    limiter = FailoverRateLimiter(
-        primary, MemoryRateLimiter(clock=FakeClock()), degraded=lambda: True
-    )
-    assert (await limiter.hit("k", 1, MINUTE, now_ms=0)).allowed
-    assert primary.calls == 0
-    assert limiter.backend == "memory"
+    link = RedisLink(Redis(host="127.0.0.1", port=1), Metrics(), retry_after_s=60)
+    link.degrade("admit", RedisConnectionError("connection refused"))  # the store found out
+    limiter = FailoverRateLimiter(primary, MemoryRateLimiter(clock=FakeClock()), link=link)
+    try:
+        assert (await limiter.hit("k", 1, MINUTE, now_ms=0)).allowed
+        assert primary.calls == 0
+        assert limiter.backend == "memory"
+    finally:
+        await link.aclose()
+
+
+async def test_an_outage_the_limiter_finds_degrades_the_one_link() -> None:
+    primary = Unreachable()
+    metrics = Metrics()
+    link = RedisLink(Redis(host="127.0.0.1", port=1), metrics, retry_after_s=60)
+    limiter = FailoverRateLimiter(primary, MemoryRateLimiter(clock=FakeClock()), link=link)
+    try:
+        assert (await limiter.hit("k", 1, MINUTE, now_ms=0)).allowed
+        assert link.degraded  # the state store sharing the link now skips Redis too
+        assert metrics.registry.get_sample_value("waddle_ai_state_degraded") == 1
+        assert (await limiter.hit("k", 1, MINUTE, now_ms=1)) == refused(MINUTE - 1, "k")
+        assert primary.calls == 1  # degraded: Redis is not asked again
+    finally:
+        await link.aclose()
 
 
 async def test_failover_uses_redis_while_it_answers(redis_prefix: str) -> None:

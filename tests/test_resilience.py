@@ -26,16 +26,18 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from config.settings import Settings
-from context.failover_store import DEGRADED_BACKEND, UNREACHABLE, FailoverStateStore
+from context.failover_store import DEGRADED_BACKEND, FailoverStateStore
 from context.memory_store import MemoryStateStore
+from context.redis_link import UNREACHABLE, RedisLink
 from context.redis_pool import BUSY, RedisBusy, pooled_client
 from context.redis_store import RedisStateStore
-from context.store import AdmitRequest, ConversationKey, RecordRequest, Turn, Verdict
+from context.store import AdmitRequest, RecordRequest, Verdict
+from domain.conversation import ConversationKey, Turn
+from observability.metrics import Metrics
 from tests.conftest import AMQP_URL, REDIS_URL, REQUIRED_TOOL, running_worker
 from tests.fake_provider import FakeProvider
 from worker.app import App, connection_name
 from worker.client import RouterClient, make_event
-from worker.metrics import Metrics
 
 # Only the tests that run a private Redis need the binary (the broker tests do
 # not): they skip without it, and in CI that skip is a failure (conftest).
@@ -110,12 +112,26 @@ async def private_redis() -> AsyncIterator[PrivateRedis]:
         await server.stop()
 
 
+class LinkedStore(FailoverStateStore):
+    """The store over its own link, closed with it (in the worker, the App closes the link)."""
+
+    def __init__(self, primary: RedisStateStore, link: RedisLink) -> None:
+        super().__init__(primary, MemoryStateStore(), link)
+        self.link = link
+
+    async def aclose(self) -> None:
+        try:
+            await super().aclose()
+        finally:
+            await self.link.aclose()
+
+
 def failover_store(url: str, metrics: Metrics, *, retry_after_s: float = 0.3,
-                   op_timeout_s: float = 1.0) -> FailoverStateStore:
-    primary = RedisStateStore.from_url(url, "t:", socket_connect_timeout=0.5,
-                                       socket_timeout=0.5, retry=Retry(NoBackoff(), 1))
-    return FailoverStateStore(primary, MemoryStateStore(), metrics,
-                              retry_after_s=retry_after_s, op_timeout_s=op_timeout_s)
+                   op_timeout_s: float = 1.0) -> LinkedStore:
+    client = pooled_client(url, socket_connect_timeout=0.5, socket_timeout=0.5,
+                           retry=Retry(NoBackoff(), 1))
+    link = RedisLink(client, metrics, retry_after_s=retry_after_s, op_timeout_s=op_timeout_s)
+    return LinkedStore(RedisStateStore(client, "t:"), link)
 
 
 def admit_request(event_id: str) -> AdmitRequest:
@@ -151,7 +167,7 @@ def actions(caplog: pytest.LogCaptureFixture, action: str) -> list[logging.LogRe
 async def test_failover_store_uses_memory_while_redis_is_down_and_returns_to_it(
     private_redis: PrivateRedis, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="context.failover_store")
+    caplog.set_level(logging.INFO, logger="context.redis_link")
     metrics = Metrics()
     store = failover_store(private_redis.url, metrics)
     # Its pooled connection dies with the server: one retry reconnects it.
@@ -222,8 +238,8 @@ async def test_a_full_pool_is_load_not_an_outage(redis_prefix: str) -> None:
     the store stays on Redis, and the next call is served by Redis again."""
     metrics = Metrics()
     client = pooled_client(REDIS_URL, max_connections=1, pool_wait_s=0.1)
-    store = FailoverStateStore(RedisStateStore(client, redis_prefix), MemoryStateStore(),
-                               metrics, op_timeout_s=1.0)
+    store = LinkedStore(RedisStateStore(client, redis_prefix),
+                        RedisLink(client, metrics, op_timeout_s=1.0))
     holder = asyncio.create_task(client.blpop([f"{redis_prefix}never"], timeout=1))
     try:
         await eventually(lambda: not client.connection_pool.can_get_connection())

@@ -15,8 +15,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from config.settings import ProviderName, load_settings
-from providers.base import ChatMessage, ChatRequest
+from config.settings import load_settings
+from domain.chat import ChatMessage
+from domain.provider_names import ProviderName
+from observability.metrics import Metrics
+from providers.base import ChatRequest
 from providers.breaker import CircuitBreaker, CircuitOpen, CircuitState, Clock, Ticket
 from providers.errors import (
     ProviderBadRequest,
@@ -30,7 +33,6 @@ from providers.openai_compat import OpenAICompatProvider
 from providers.router import ProviderRouter
 from tests.fake_provider import Behaviour, FakeProvider
 from worker.app import build_router
-from worker.metrics import Metrics
 
 OLLAMA = ProviderName.OLLAMA
 WADDLEAI = ProviderName.WADDLEAI
@@ -667,3 +669,71 @@ def test_circuit_probe_s_setting() -> None:
     assert load_settings(_env_file=None, circuit_probe_s=0).circuit_probe_s == 0
     with pytest.raises(ValueError, match="CIRCUIT_PROBE_S"):
         load_settings(_env_file=None, circuit_probe_s=-1)
+
+
+# -- one provider-call path: open_stream, and complete() collecting it ------------
+
+
+async def test_open_stream_falls_back_before_the_first_piece_and_counts_it(
+    router: ProviderRouter, primary: FakeProvider, backup: FakeProvider, metrics: Metrics
+) -> None:
+    primary.script = [Behaviour(status=503)]
+    stream = await router.open_stream(CHAIN, REQUEST)
+    try:
+        assert (stream.provider.name, stream.position) == ("waddleai", 1)
+        text = "".join([piece.text async for piece in stream.pieces()])
+    finally:
+        await stream.aclose()
+    assert text == "backup here"
+    assert (primary.calls, backup.calls) == (1, 1)
+    assert fallbacks(metrics) == 1
+    assert router.breaker(OLLAMA).consecutive_failures == 1
+    assert router.breaker(WADDLEAI).consecutive_failures == 0
+
+
+async def test_a_stream_left_before_its_end_gives_the_ticket_back_without_a_verdict(
+    router: ProviderRouter, primary: FakeProvider, backup: FakeProvider, clock: FakeClock,
+    metrics: Metrics,
+) -> None:
+    primary.status = 503
+    for _ in range(3):
+        await router.complete(CHAIN, REQUEST)
+    clock.advance(60)
+    assert router.breaker_state(OLLAMA) == "half_open"
+    primary.status = None
+    stream = await router.open_stream(CHAIN, REQUEST)  # the one probe goes to the primary
+    assert stream.provider.name == "ollama"
+    assert router.breaker(OLLAMA).allow() is None  # the probe is taken
+    await stream.aclose()  # the client left: neither a success nor a failure
+    assert router.breaker_state(OLLAMA) == "half_open"
+    assert metrics.registry.get_sample_value(
+        "waddle_ai_provider_latency_seconds_count", {"provider": "ollama"}) is None
+    ticket = router.breaker(OLLAMA).allow()  # the leave came back: another probe may go
+    assert ticket is not None
+    ticket.release()
+
+
+async def test_a_provider_cut_mid_answer_is_left_for_the_next_when_collected(
+    router: ProviderRouter, primary: FakeProvider, backup: FakeProvider, metrics: Metrics
+) -> None:
+    primary.script = [Behaviour(midstream_error=True)]
+    completion = await router.complete(CHAIN, REQUEST)
+    assert (completion.provider, completion.text) == ("waddleai", "backup here")
+    assert (primary.calls, backup.calls) == (1, 1)
+    assert router.breaker(OLLAMA).consecutive_failures == 1
+    assert fallbacks(metrics) == 1
+
+
+async def test_a_provider_cut_mid_stream_ends_the_stream_with_its_error(
+    router: ProviderRouter, primary: FakeProvider, backup: FakeProvider
+) -> None:
+    primary.script = [Behaviour(midstream_error=True)]
+    stream = await router.open_stream(CHAIN, REQUEST)
+    try:
+        with pytest.raises(ProviderError):
+            async for _ in stream.pieces():
+                pass
+    finally:
+        await stream.aclose()
+    assert (primary.calls, backup.calls) == (1, 0)  # part of an answer was seen: no fallback
+    assert router.breaker(OLLAMA).consecutive_failures == 1

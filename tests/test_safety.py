@@ -2,17 +2,16 @@ from __future__ import annotations
 
 import pytest
 
+from domain.platforms import PLATFORM_LIMITS, reply_limit
 from publishers.safety import (
     ELLIPSIS,
     LINK_PLACEHOLDER,
-    PLATFORM_LIMITS,
     ZWSP,
     collapse_whitespace,
     drop_parroting,
     make_safe,
     neutralise_mentions,
     remove_links,
-    reply_limit,
     strip_leading_commands,
     strip_prompt_wrapper,
     strip_reasoning,

@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from config.settings import ProviderName, Settings, SettingsError, load_settings
+from config.settings import Settings, SettingsError, load_settings
+from domain.provider_names import ProviderName
 
 
 def settings(**values: Any) -> Settings:

@@ -20,14 +20,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from context.lease import LeaseKeeper
 from context.memory_store import MemoryStateStore
 from context.redis_store import RedisStateStore
-from context.store import (
-    AdmitRequest,
-    ConversationKey,
-    RecordRequest,
-    StateStore,
-    Turn,
-    Verdict,
-)
+from context.store import AdmitRequest, RecordRequest, StateStore, Verdict
+from domain.conversation import ConversationKey, Turn
 from tests.conftest import REDIS_URL
 from tests.redis_wire import RecordingConnection, WireLog
 

@@ -4,8 +4,9 @@ from typing import Any
 
 import pytest
 
+from config.community import trigger_rules_from_settings
 from config.settings import Settings
-from consumers.triggers import (
+from domain.triggers import (
     DEFAULT_TRIGGERS,
     EVENT_TYPES,
     TriggerDecision,
@@ -66,7 +67,7 @@ def test_decision_needs_exactly_one_of_trigger_and_reason() -> None:
 
 
 def test_rules_defaults_and_from_settings() -> None:
-    rules = TriggerRules.from_settings(Settings(bot_name="Pengu", known_bots=["NightBot"]))
+    rules = trigger_rules_from_settings(Settings(bot_name="Pengu", known_bots=["NightBot"]))
     assert rules.bot_name == "Pengu"
     assert rules.known_bots == frozenset({"nightbot"})
     assert rules.enabled_triggers == DEFAULT_TRIGGERS
@@ -363,7 +364,7 @@ def test_words_inside_other_words_never_fire(language: str, text: str) -> None:
 
 
 def test_every_language_has_both_lists() -> None:
-    from consumers.triggers import FAREWELLS_BY_LANGUAGE, GREETINGS_BY_LANGUAGE
+    from domain.triggers import FAREWELLS_BY_LANGUAGE, GREETINGS_BY_LANGUAGE
 
     for language in ("en", "es", "pt", "fr", "de", "it"):
         assert GREETINGS_BY_LANGUAGE[language], language

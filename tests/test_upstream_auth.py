@@ -11,9 +11,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from providers.base import ChatMessage, ChatRequest, Completion
+from consumers.completion_service import provider_error
+from domain.chat import ChatMessage
+from providers.base import ChatRequest, Completion
 from providers.breaker import CircuitBreaker, CircuitState
-from providers.completions import provider_error
 from providers.errors import (
     ProviderAuthFailed,
     ProviderBadRequest,

@@ -17,7 +17,7 @@ import logging
 import signal
 import time
 from collections.abc import Sequence
-from contextlib import suppress
+from contextlib import AsyncExitStack, suppress
 from typing import Any
 
 import aio_pika
@@ -30,7 +30,8 @@ from broker.topology import Topology
 from config.community import CommunityConfigSource
 from config.repository import ConfigRepository
 from config.service import OpenedCommunityConfig, open_community_config
-from config.settings import ProviderName, Settings
+from config.settings import Settings
+from consumers.completion_service import CompletionService
 from consumers.completions import CompletionsRpcConsumer
 from consumers.interaction import InteractionConsumer
 from consumers.outcomes import OutcomeRecorder
@@ -44,11 +45,14 @@ from context.rate_limits import (
     RateLimiter,
     RedisRateLimiter,
 )
+from context.redis_link import RedisLink
+from context.redis_pool import pooled_client
 from context.redis_store import RedisStateStore
 from context.store import StateStore
+from domain.provider_names import ProviderName
+from observability.metrics import Metrics
 from providers.base import Provider
 from providers.breaker import CircuitBreaker, CircuitState
-from providers.completions import CompletionService
 from providers.errors import ProviderAuthFailed, ProviderError
 from providers.factory import build_endpoint_provider, build_provider
 from providers.local import LocalModel
@@ -59,7 +63,6 @@ from publishers.failures import FailurePublisher
 from publishers.replies import ReplyPublisher
 from worker.completions_api import completion_routes
 from worker.explain import outcome_routes
-from worker.metrics import Metrics
 from worker.openapi import build_openapi, openapi_route
 from worker.sidecar import Sidecar
 
@@ -102,14 +105,12 @@ def connection_name(settings: Settings, role: str) -> str:
     return f"waddle-ai {role} {settings.queue_prefix}"
 
 
-def build_store(settings: Settings, metrics: Metrics) -> StateStore:
-    """Redis with a memory fallback when REDIS_URL is set; memory alone otherwise."""
-    memory = MemoryStateStore(max_conversations=settings.memory_max_conversations)
+def build_redis_link(settings: Settings, metrics: Metrics) -> RedisLink | None:
+    """The one Redis client (and outage flag) of the worker; None without REDIS_URL."""
     if not settings.redis_url:
-        return memory
-    redis = RedisStateStore.from_url(
+        return None
+    client = pooled_client(
         settings.redis_url,
-        key_prefix=settings.redis_key_prefix,
         socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
         pool_wait_s=REDIS_POOL_WAIT_S,
         # One immediate retry on a fresh connection: a pooled connection that
@@ -117,24 +118,26 @@ def build_store(settings: Settings, metrics: Metrics) -> StateStore:
         # The scripts are idempotent per attempt, so a retried one is harmless.
         retry=Retry(NoBackoff(), 1),
     )
-    return FailoverStateStore(redis, memory, metrics, retry_after_s=REDIS_RETRY_AFTER_S,
-                              op_timeout_s=REDIS_OP_TIMEOUT_S)
+    return RedisLink(client, metrics, retry_after_s=REDIS_RETRY_AFTER_S,
+                     op_timeout_s=REDIS_OP_TIMEOUT_S)
 
 
-def build_rate_limiter(settings: Settings, store: StateStore) -> RateLimiter:
-    """Shared limits in Redis (memory while the state store is degraded); memory without."""
-    memory = MemoryRateLimiter()
-    if not settings.redis_url:
+def build_store(settings: Settings, link: RedisLink | None) -> StateStore:
+    """Redis with a memory fallback when there is a Redis link; memory alone otherwise."""
+    memory = MemoryStateStore(max_conversations=settings.memory_max_conversations)
+    if link is None:
         return memory
-    redis = RedisRateLimiter.from_url(
-        settings.redis_url, key_prefix=settings.redis_key_prefix,
-        socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S, pool_wait_s=REDIS_POOL_WAIT_S,
-        retry=Retry(NoBackoff(), 1),
-    )
-    failover = store if isinstance(store, FailoverStateStore) else None
+    redis = RedisStateStore(link.client, settings.redis_key_prefix)
+    return FailoverStateStore(redis, memory, link)
+
+
+def build_rate_limiter(settings: Settings, link: RedisLink | None) -> RateLimiter:
+    """Shared limits in Redis (memory while the link is degraded); memory without."""
+    memory = MemoryRateLimiter()
+    if link is None:
+        return memory
     return FailoverRateLimiter(
-        redis, memory, degraded=lambda: failover is not None and failover.degraded,
-        op_timeout_s=REDIS_OP_TIMEOUT_S)
+        RedisRateLimiter(link.client, settings.redis_key_prefix), memory, link=link)
 
 
 async def build_router(
@@ -152,6 +155,7 @@ async def build_router(
         failure_threshold=settings.circuit_failure_threshold,
         open_s=settings.circuit_open_s,
         probe_s=settings.circuit_probe_s or None,
+        secrets=[k for k in (settings.waddleai_api_key, *settings.api_keys) if k],
         # A community's own base URL or key: its own pooled client and breaker.
         endpoint_factory=lambda kind, base_url, api_key: build_endpoint_provider(
             kind, settings, base_url=base_url, api_key=api_key),
@@ -182,6 +186,7 @@ class App:
         router: ProviderRouter,
         community_config: CommunityConfigSource,
         rate_limiter: RateLimiter,
+        redis_link: RedisLink | None = None,
         opened_config: OpenedCommunityConfig | None = None,
         owns_local_model: LocalModel | None = None,
     ) -> None:
@@ -205,7 +210,6 @@ class App:
         self.topology = topology_for(settings)
         # Every settled event's fate, for `waddle-ai explain` (consumers/outcomes.py).
         self.outcomes = OutcomeRecorder(store, ttl_s=settings.outcome_ttl_s)
-        self._owned_model = owns_local_model
         self._consume_connection: AbstractRobustConnection | None = None
         self._publish_connection: AbstractRobustConnection | None = None
         self.consumer: InteractionConsumer | None = None
@@ -216,6 +220,21 @@ class App:
         self._startup_probe: asyncio.Task[None] | None = None
         # role ("consume" / "publish") -> connected as far as the callbacks know.
         self._broker_up: dict[str, bool] = {}
+        self._drained = True
+        # What build() made, closed by stop() in the reverse order of this list
+        # (router first, community config last); what start() opens has a stack
+        # of its own, closed before this one.
+        self._built = AsyncExitStack()
+        if opened_config is not None:
+            self._built.push_async_callback(opened_config.aclose)
+        if redis_link is not None:
+            self._built.push_async_callback(redis_link.aclose)
+        self._built.push_async_callback(store.aclose)
+        self._built.push_async_callback(rate_limiter.aclose)
+        if owns_local_model is not None:
+            self._built.push_async_callback(owns_local_model.aclose)
+        self._built.push_async_callback(router.aclose)
+        self._started: AsyncExitStack | None = None
 
     @classmethod
     async def build(
@@ -230,7 +249,8 @@ class App:
         """
         metrics = Metrics()
         router, loaded = await build_router(settings, metrics, local_model)
-        store = build_store(settings, metrics)
+        link = build_redis_link(settings, metrics)
+        store = build_store(settings, link)
         opened = None
         if community_config is None:
             opened = await open_community_config(settings)
@@ -241,18 +261,30 @@ class App:
             store=store,
             router=router,
             community_config=community_config,
-            rate_limiter=build_rate_limiter(settings, store),
+            rate_limiter=build_rate_limiter(settings, link),
+            redis_link=link,
             opened_config=opened,
             owns_local_model=loaded if local_model is None else None,
         )
 
     async def start(self) -> None:
+        """Open everything on one exit stack: `stop()` closes it in reverse, and a
+        start that fails half-way closes what it had opened before raising."""
+        async with AsyncExitStack() as stack:
+            await self._open(stack)
+            self._started = stack.pop_all()
+
+    async def _open(self, stack: AsyncExitStack) -> None:
         s = self.settings
+        # Closed after everything below: consumers record outcomes until drained.
+        stack.push_async_callback(self.outcomes.drain)
         # In the background: an unreachable provider is worth a warning at
         # start, never a delay or a failed start (it may come up after us).
         self._startup_probe = asyncio.get_running_loop().create_task(
             self._probe_providers_at_start(), name="startup-provider-probe")
+        stack.push_async_callback(_cancel, self._startup_probe)
         self._publish_connection = await self._connect("publish")
+        stack.push_async_callback(_close_quietly, self._publish_connection)
         publish_channel = await self._publish_connection.channel(
             publisher_confirms=True, on_return_raises=True)
         await self._declare_topology()
@@ -294,16 +326,18 @@ class App:
                                         max_concurrent=s.completions_max_concurrent),
         )
         await self.sidecar.start()
+        stack.push_async_callback(self.sidecar.stop)
 
         self._consume_connection = await self._connect("consume")
+        stack.push_async_callback(_close_quietly, self._consume_connection)
         consume_channel = await self._consume_connection.channel()
         await consume_channel.set_qos(prefetch_count=s.prefetch_count)
-        await self.consumer.attach(consume_channel)
 
         # Completions RPC on a connection of its own: a request naming a bogus
         # reply-to makes the broker close the connection that answers it, and
         # that must never be the one carrying chat replies.
         self._rpc_connection = await self._connect("rpc")
+        stack.push_async_callback(_close_quietly, self._rpc_connection)
         rpc_publish = await self._rpc_connection.channel(
             publisher_confirms=True, on_return_raises=True)
         rpc_consume = await self._rpc_connection.channel()
@@ -313,6 +347,13 @@ class App:
             queue_name=self.topology.completions_queue, service=self.completions,
             publish_channel=rpc_publish, metrics=self.metrics,
             max_concurrent=s.completions_max_concurrent)
+
+        # Every connection is open: the drain is pushed now, so it runs before
+        # any of them closes, and from the first attach on, so a start that
+        # fails at the second still stops the first. Both consumers drain at
+        # once, within one SHUTDOWN_GRACE_S.
+        stack.push_async_callback(self._drain_consumers)
+        await self.consumer.attach(consume_channel)
         await self.rpc_consumer.attach(rpc_consume)
         # Everything built at start lives as long as the process: move it out
         # of the collector's sight, so full collections (tens of ms, with every
@@ -410,35 +451,29 @@ class App:
         return max(provider_timeout_s(self.settings, name) for name in self.router.providers)
 
     async def stop(self) -> bool:
-        """Drain and close; True when every in-flight event finished within the grace time."""
-        drained = True
+        """Drain and close; True when every in-flight event finished within the grace time.
+
+        The order is the stacks': what start() opened, in reverse (consumers
+        drained, the RPC and consume connections, the sidecar, the publish
+        connection, the start-up probe, the outcome recorder), then what
+        build() made (router, local model, rate limiter, state store, Redis
+        link, community config).
+        """
         self._stopping = True
-        if self._startup_probe is not None and not self._startup_probe.done():
-            self._startup_probe.cancel()
-            with suppress(asyncio.CancelledError):
-                await self._startup_probe
-        if self.consumer is not None or self.rpc_consumer is not None:
-            stops = [c.stop(self.settings.shutdown_grace_s)
-                     for c in (self.consumer, self.rpc_consumer) if c is not None]
-            drained = all(await asyncio.gather(*stops))
-        for connection in (self._consume_connection, self._publish_connection,
-                           self._rpc_connection):
-            if connection is not None:
-                with suppress(Exception):
-                    await connection.close()
-        await self.outcomes.drain()
-        if self.sidecar is not None:
-            await self.sidecar.stop()
-        await self.router.aclose()
-        if self._owned_model is not None:
-            await self._owned_model.aclose()
-        await self.rate_limiter.aclose()
-        await self.store.aclose()
-        if self._opened_config is not None:
-            await self._opened_config.aclose()
+        started, self._started = self._started, None
+        try:
+            if started is not None:
+                await started.aclose()
+        finally:
+            await self._built.aclose()
         self._stopped.set()
-        log.info("worker stopped", extra={"action": "stop", "drained": drained})
-        return drained
+        log.info("worker stopped", extra={"action": "stop", "drained": self._drained})
+        return self._drained
+
+    async def _drain_consumers(self) -> None:
+        stops = [c.stop(self.settings.shutdown_grace_s)
+                 for c in (self.consumer, self.rpc_consumer) if c is not None]
+        self._drained = all(await asyncio.gather(*stops))
 
     async def run_until_signalled(self) -> bool:
         """`waddle-ai run`: start, serve until SIGTERM/SIGINT, then drain and stop."""
@@ -530,3 +565,16 @@ def _provider_health(checked: dict[str, Any], breaker: CircuitBreaker) -> dict[s
     if isinstance(cause, ProviderAuthFailed) and breaker.state is not CircuitState.CLOSED:
         health.update(ok=False, error=str(cause), error_type=cause.error_type)
     return health
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    if not task.done():
+        task.cancel()
+        with suppress(asyncio.CancelledError):
+            await task
+
+
+async def _close_quietly(connection: AbstractRobustConnection) -> None:
+    # A connection already lost has nothing left to close cleanly.
+    with suppress(Exception):
+        await connection.close()

@@ -22,10 +22,11 @@ import orjson
 
 from broker.topology import TopologyError
 from config.settings import Settings, SettingsError, load_settings
+from observability.logs import configure_logging
 from schemas.events import MessageType, Platform
-from worker import config_cli, dlq, explain
+from worker import config_cli, explain
+from worker.dlq import cli as dlq
 from worker.errors import describe_failure
-from worker.logs import configure_logging
 
 # How often `publish --wait` asks for the event's outcome while it waits.
 OUTCOME_POLL_S = 0.25

@@ -2,7 +2,7 @@
 
 Only transport lives here: bearer-key checks, reading a bounded body, and
 writing JSON or server-sent events. What a request means, and how a failure
-reads, is `providers.completions`, shared with the AMQP RPC.
+reads, is `consumers.completion_service`, shared with the AMQP RPC.
 
 Key checks hash both sides and compare every configured key with
 `hmac.compare_digest`, always all of them: neither the time an answer takes
@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from providers.completions import (
+from consumers.completion_service import (
     MAX_BODY_BYTES,
     CompletionError,
     CompletionMetrics,
@@ -34,7 +34,7 @@ from providers.completions import (
     parse_request,
     request_too_large,
 )
-from worker.metrics import Metrics
+from observability.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -28,6 +28,7 @@ from aiohttp import web
 from config.settings import Settings
 from consumers.outcomes import decode_outcome, describe_outcome
 from context.store import StateStore
+from schemas.errors import WaddleError
 
 SIDECAR_TIMEOUT_S = 3.0
 
@@ -48,7 +49,7 @@ def outcome_routes(store: StateStore) -> list[web.RouteDef]:
     return [web.get("/outcomes/{event_id}", outcome)]
 
 
-class OutcomeUnavailable(Exception):
+class OutcomeUnavailable(WaddleError):
     """No place to look answered; the message names the setting to check."""
 
 

@@ -24,7 +24,7 @@ from aiohttp import web
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from providers.completions import MAX_BODY_BYTES, CompletionRequest
+from consumers.completion_service import MAX_BODY_BYTES, CompletionRequest
 from schemas.completions import (
     ChatCompletion,
     ChatCompletionChunk,

@@ -18,7 +18,8 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from config.settings import ProviderName, Settings
+from config.settings import Settings
+from domain.provider_names import ProviderName
 from providers.base import Provider
 from providers.errors import ProviderError
 from providers.factory import build_provider

@@ -13,8 +13,8 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from observability.metrics import Metrics
 from worker.http_errors import json_errors
-from worker.metrics import Metrics
 
 ReadinessCheck = Callable[[], Awaitable[tuple[bool, dict[str, Any]]]]
 

@@ -45,13 +45,10 @@ import re
 import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from schemas.events import InteractionEvent, MessageType
 from schemas.replies import Trigger
-
-if TYPE_CHECKING:
-    from config.settings import Settings
 
 SkipReason = Literal[
     "own_message",  # the bot's own line echoed back by the platform
@@ -215,10 +212,6 @@ class TriggerRules:
             "_mention_re",
             re.compile(rf"(?<![\w@])@?{re.escape(name)}(?!\w)", re.IGNORECASE),
         )
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> TriggerRules:
-        return cls(bot_name=settings.bot_name, known_bots=frozenset(settings.known_bots))
 
     def is_own(self, event: InteractionEvent) -> bool:
         meta = event.metadata

@@ -6,25 +6,28 @@ meet a different API. So everything except bytes-on-the-wire lives here:
 request validation and its limits, model routing, calling the providers,
 and the OpenAI shapes of answers, stream chunks and errors.
 
-Non-streamed answers go through `ProviderRouter.complete()` (fallback chain,
-circuit breakers). Streamed answers cannot: the router collects the whole
-answer before returning. `stream()` therefore walks the chain itself, through
-the router's circuit breakers (a stream's result counts for its provider), and
-may move to the next provider only until the first piece of text exists; after
-that the client has seen part of one provider's answer, and an error can only
-end the stream.
+It sits in `consumers/`, above `providers/`: the OpenAI request shapes and
+the mapping of provider failures to HTTP statuses are the API's, not a
+provider's, and both transports (`worker/completions_api.py` over HTTP,
+`consumers/completions.py` over AMQP) import them from here.
+
+Both kinds of answer take the router's one provider-call path
+(`ProviderRouter.open_stream`: circuit breakers, fallback chain, metrics):
+a non-streamed answer is that stream collected (`ProviderRouter.complete`),
+a streamed one is passed on piece by piece. The router may move to the next
+provider only until the first piece exists; after that the client has seen
+part of one provider's answer, and an error can only end the stream.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
 import uuid
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -40,9 +43,11 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from config.settings import ProviderName
-from providers.base import ChatMessage, ChatRequest, CompletionChunk, Provider, TokenUsage
-from providers.breaker import CircuitOpen, Ticket
+from domain.chat import ChatMessage
+from domain.provider_names import ProviderName
+from observability.metrics import PROVIDER_BUCKETS, Metrics
+from providers.base import ChatRequest, TokenUsage
+from providers.breaker import CircuitOpen
 from providers.errors import (
     ProviderAuthFailed,
     ProviderBadOutput,
@@ -54,7 +59,8 @@ from providers.errors import (
     log_provider_failure,
 )
 from providers.router import ProviderRouter
-from worker.metrics import PROVIDER_BUCKETS, Metrics
+from schemas.errors import WaddleError
+from schemas.headers import ErrorType
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +86,7 @@ _CUSTOM_CODES = frozenset({
 # -- errors ------------------------------------------------------------------
 
 
-class CompletionError(Exception):
+class CompletionError(WaddleError):
     """A failure the client sees as an OpenAI error body with an HTTP status.
 
     The RPC transport sends the same body and names the status in a header,
@@ -125,7 +131,7 @@ def invalid_request(
 def internal_error() -> CompletionError:
     """For bugs: the client learns nothing of the internals, the log has the traceback."""
     return CompletionError(500, "internal error; see the worker's logs",
-                           type="server_error", code="internal_error")
+                           type="server_error", code=ErrorType.INTERNAL_ERROR.value)
 
 
 def provider_error(exc: ProviderError, secrets: Sequence[str] = ()) -> CompletionError:
@@ -142,27 +148,28 @@ def provider_error(exc: ProviderError, secrets: Sequence[str] = ()) -> Completio
         return CompletionError(
             502, f"the AI provider {exc.provider!r} refused the worker's credentials "
             f"(HTTP {exc.status}); the operator must fix its API key",
-            type="upstream_auth_failed", code="upstream_auth_failed")
+            type=ErrorType.UPSTREAM_AUTH_FAILED.value, code=ErrorType.UPSTREAM_AUTH_FAILED.value)
     if isinstance(exc, ProviderBadRequest):
         return CompletionError(400, f"the AI provider refused the request: {detail}",
-                               type="invalid_request_error", code="provider_bad_request")
+                               type="invalid_request_error",
+                               code=ErrorType.PROVIDER_BAD_REQUEST.value)
     if isinstance(exc, ProviderRateLimited):
         return CompletionError(429, f"the AI provider is rate limited: {detail}",
                                type="rate_limit_error", code="rate_limit_exceeded",
                                retry_after_s=exc.retry_after_s)
     if isinstance(exc, ProviderTimeout):
         return CompletionError(504, f"the AI provider {exc.provider!r} timed out",
-                               type="server_error", code="provider_timeout")
+                               type="server_error", code=ErrorType.PROVIDER_TIMEOUT.value)
     if isinstance(exc, ProviderBadOutput):
         return CompletionError(502, f"the AI provider {exc.provider!r} sent an answer "
                                "that does not follow its protocol",
-                               type="api_error", code="provider_bad_output")
+                               type="api_error", code=ErrorType.PROVIDER_BAD_OUTPUT.value)
     if isinstance(exc, ProviderUnavailable):
         return CompletionError(503, f"the AI provider {exc.provider!r} is unavailable; "
                                "try again later",
-                               type="server_error", code="provider_unavailable")
+                               type="server_error", code=ErrorType.PROVIDER_UNAVAILABLE.value)
     return CompletionError(502, f"the AI provider {exc.provider!r} failed",
-                           type="api_error", code="provider_failed")
+                           type="api_error", code=ErrorType.PROVIDER_FAILED.value)
 
 
 def scrub(text: str, secrets: Sequence[str]) -> str:
@@ -306,7 +313,8 @@ def parse_request(raw: bytes) -> CompletionRequest:
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise invalid_request(f"the body is not valid JSON: {exc}", code="invalid_json") from None
+        raise invalid_request(f"the body is not valid JSON: {exc}",
+                              code=ErrorType.INVALID_JSON.value) from None
     if not isinstance(data, dict):
         raise invalid_request("the body must be a JSON object")
     try:
@@ -378,17 +386,6 @@ class _Listing:
     error: ProviderError | TimeoutError | None = None
 
 
-@dataclass(slots=True)
-class _OpenStream:
-    provider: Provider
-    chunks: AsyncIterator[CompletionChunk]
-    first: CompletionChunk | None
-    started: float
-    position: int
-    # The circuit breaker's leave for this call, settled when the stream ends.
-    ticket: Ticket
-
-
 class CompletionService:
     """Answers OpenAI-shaped requests with the worker's providers."""
 
@@ -415,6 +412,7 @@ class CompletionService:
         self._models_ttl_s = models_ttl_s
         self._metrics = metrics
         self._secrets = tuple(s for s in secrets if s)
+        router.hide(self._secrets)
         self._clock = clock
         self._listings: dict[ProviderName, _Listing] = {}
         self._listing_lock = asyncio.Lock()
@@ -460,11 +458,13 @@ class CompletionService:
         """
         chain, model = await self.resolve(request.model)
         chat = self._chat_request(request, model)
-        opened = await self._open_stream(chain, chat, request)
+        try:
+            opened = await self._router.open_stream(chain, chat)
+        except ProviderError as exc:
+            raise self._failed(exc, request) from exc
         ident, created = new_completion_id(), int(time.time())
         include_usage = request.include_usage
-        answered_by = (opened.first.model if opened.first and opened.first.model else None) or (
-            chat.model if opened.position == 0 and chat.model else opened.provider.default_model)
+        answered_by = opened.model
 
         def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
             out: dict[str, Any] = {
@@ -479,24 +479,19 @@ class CompletionService:
 
         usage = TokenUsage()
         finish_reason: str | None = None
+        pieces = opened.pieces()
         try:
             yield chunk({"role": "assistant", "content": ""})
-            piece = opened.first
             try:
-                while piece is not None:
+                async for piece in pieces:
                     if piece.text:
                         yield chunk({"content": piece.text})
                     if piece.usage is not None:
                         usage = piece.usage
                     if piece.finish_reason is not None:
                         finish_reason = piece.finish_reason
-                    piece = await anext(opened.chunks, None)
             except ProviderError as exc:
-                opened.ticket.record_failure(exc)
-                self._count_error(opened.provider, exc)
                 raise self._failed(exc, request) from exc
-            opened.ticket.record_success()
-            self._count_success(opened)
             yield chunk({}, _finish_reason(finish_reason))
             if include_usage:
                 yield {
@@ -510,8 +505,8 @@ class CompletionService:
                 "completion_tokens": usage.completion_tokens})
         finally:
             # A client that left mid-stream judged nothing about the provider.
-            opened.ticket.release()
-            await _aclose(opened.chunks)
+            await pieces.aclose()
+            await opened.aclose()
 
     async def models(self) -> dict[str, Any]:
         """The OpenAI model list of every provider that answers, each model once."""
@@ -575,58 +570,6 @@ class CompletionService:
             temperature=temperature, max_tokens=max_tokens, model=model,
         )
 
-    async def _open_stream(
-        self, chain: Sequence[ProviderName], chat: ChatRequest, request: CompletionRequest
-    ) -> _OpenStream:
-        """The first provider of `chain` whose stream yields a first chunk."""
-        last_error: ProviderError | None = None
-        for position, name in enumerate(chain):
-            provider = self._router.get(name)
-            # The same breakers as the chat pipeline's: a provider whose circuit
-            # is open is skipped here too, and a stream's result counts for it.
-            breaker = self._router.breaker(name)
-            ticket = breaker.allow()
-            if ticket is None:
-                last_error = self._router.refused(name)
-                continue
-            asked = chat if position == 0 else _without_model(chat)
-            started = time.perf_counter()
-            chunks = provider.stream(asked)
-            try:
-                first: CompletionChunk | None = await anext(chunks)
-            except StopAsyncIteration:
-                first = None
-            except ProviderError as exc:
-                ticket.record_failure(exc)
-                await _aclose(chunks)
-                self._count_error(provider, exc)
-                last_error = exc
-                if not exc.retryable:
-                    break
-                log_provider_failure(log, "provider failed before streaming; trying the next",
-                                     exc, self._secrets)
-                continue
-            except BaseException:
-                ticket.release()
-                await _aclose(chunks)
-                raise
-            return _OpenStream(provider, chunks, first, started, position, ticket)
-        assert last_error is not None
-        raise self._failed(last_error, request)
-
-    def _count_error(self, provider: Provider, exc: ProviderError) -> None:
-        if self._metrics is not None:
-            self._metrics.provider_errors.labels(provider.name, exc.error_type).inc()
-
-    def _count_success(self, opened: _OpenStream) -> None:
-        if self._metrics is None:
-            return
-        self._metrics.provider_latency.labels(opened.provider.name).observe(
-            time.perf_counter() - opened.started)
-        if opened.position > 0:
-            primary = self._router.get(self._default_chain[0]).name
-            self._metrics.fallbacks.labels(primary, opened.provider.name).inc()
-
     def _listing_failed(self, errors: Sequence[ProviderError | TimeoutError]) -> CompletionError:
         for error in errors:
             if isinstance(error, ProviderAuthFailed):
@@ -635,7 +578,7 @@ class CompletionService:
         if isinstance(first, ProviderError):
             return provider_error(first, self._secrets)
         return CompletionError(504, "listing the providers' models timed out",
-                               type="server_error", code="provider_timeout")
+                               type="server_error", code=ErrorType.PROVIDER_TIMEOUT.value)
 
     def _cause(self, exc: ProviderError) -> ProviderError:
         """An open circuit stands for the failure that opened it, when that is our key.
@@ -706,17 +649,3 @@ def _usage(usage: TokenUsage) -> dict[str, int]:
 def _finish_reason(reason: str | None) -> str:
     """OpenAI clients know four reasons; a backend's own (or none) reads as `stop`."""
     return reason if reason in FINISH_REASONS else "stop"
-
-
-def _without_model(request: ChatRequest) -> ChatRequest:
-    """A model name belongs to the provider it was resolved for; fallbacks use their own."""
-    return ChatRequest(messages=request.messages, temperature=request.temperature,
-                       max_tokens=request.max_tokens, model=None)
-
-
-async def _aclose(chunks: AsyncIterator[CompletionChunk]) -> None:
-    """Close a provider's stream so its HTTP response is released now, not at GC."""
-    close = getattr(chunks, "aclose", None)
-    if close is not None:
-        with contextlib.suppress(Exception):
-            await close()

@@ -118,34 +118,35 @@ class _CompletionsApi:
 
     async def models(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
-        try:
-            self._authenticate(request)
-            listing = await self._service.models()
-        except CompletionError as exc:
-            return self._error(exc, started, count=False)
-        except Exception:
-            log.exception("model listing crashed", extra={"action": "list_models"})
-            return self._error(internal_error(), started, count=False)
-        return _json(listing)
+        listing = await self._listing(request, started)
+        return listing if isinstance(listing, web.StreamResponse) else _json(listing)
 
     async def model(self, request: web.Request) -> web.StreamResponse:
         """One entry of `/v1/models` (OpenAI's "retrieve model"), or a JSON 404."""
         started = time.perf_counter()
         wanted = request.match_info["model"]
-        try:
-            self._authenticate(request)
-            listing = await self._service.models()
-        except CompletionError as exc:
-            return self._error(exc, started, count=False)
-        except Exception:
-            log.exception("model listing crashed", extra={"action": "list_models"})
-            return self._error(internal_error(), started, count=False)
+        listing = await self._listing(request, started)
+        if isinstance(listing, web.StreamResponse):
+            return listing
         for entry in listing["data"]:
             if entry["id"] == wanted:
                 return _json(entry)
         return self._error(invalid_request(
             f"the model {wanted!r} does not exist: no provider lists it",
             code="model_not_found", param="model", status=404), started, count=False)
+
+    async def _listing(
+        self, request: web.Request, started: float
+    ) -> dict[str, Any] | web.StreamResponse:
+        """The caller's models list, or the error response to send instead."""
+        try:
+            self._authenticate(request)
+            return await self._service.models()
+        except CompletionError as exc:
+            return self._error(exc, started, count=False)
+        except Exception:
+            log.exception("model listing crashed", extra={"action": "list_models"})
+            return self._error(internal_error(), started, count=False)
 
     # -- streaming -------------------------------------------------------------
 

@@ -88,7 +88,7 @@ def _int(value: Any) -> int | None:
 def number_patterns(n: int) -> tuple[str, ...]:
     """`n` as chat writes it: digits with or without thousands separators, small ones spelled."""
     digits = str(n)
-    groups = []
+    groups: list[str] = []
     while digits:
         groups.insert(0, digits[-3:])
         digits = digits[:-3]

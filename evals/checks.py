@@ -182,6 +182,7 @@ def check_in_character(reply: str, ctx: ReplyContext) -> CheckResult:
 # -- complete ---------------------------------------------------------------------------
 
 _SENTENCE_END = tuple(".!?。！？")
+NEAR_LIMIT = 0.9
 _CLOSERS = "\"'”’»)]*_~"
 
 
@@ -208,7 +209,8 @@ def check_complete(reply: str, ctx: ReplyContext) -> CheckResult:
     core, emoji = _trailing_decoration(body)
     limit = reply_limit(ctx.platform)
     trails_off = core.endswith(("…", "..."))
-    if trails_off and len(reply) >= limit - 2:
+    # The trimmer cuts on a word boundary, so its "…" lands a word short of the limit.
+    if trails_off and len(reply) >= NEAR_LIMIT * limit:
         return failed("complete", f"{CUT_AT_LIMIT} ({len(reply)} of {limit} characters)")
     if trails_off:
         return failed("complete", "trails off with an ellipsis")

@@ -25,6 +25,8 @@ _NOT_PROSE_RE = re.compile(
     r"(?:https?://\S+|www\.\S+|[@#]\w+|\b[A-Z][a-z]+[A-Z]\w*\b|\b[A-Z]{3,}\b|\b\w*\d\w*\b)"
 )
 
+_WIDE_SCRIPT_RE = re.compile("[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]")
+
 
 class LanguageDetectorError(LookupError):
     pass
@@ -49,13 +51,16 @@ class Detector:
         """The text without what says nothing of its language: names, emotes, links, numbers."""
         for word in drop:
             if word:
-                text = re.sub(re.escape(word), " ", text, flags=re.IGNORECASE)
+                text = re.sub(rf"(?<!\w){re.escape(word)}(?!\w)", " ", text,
+                              flags=re.IGNORECASE)
         return _NOT_PROSE_RE.sub(" ", text)
 
     def detect(self, text: str, *, drop: tuple[str, ...] = ()) -> str | None:
         """The ISO 639-1 code of `text`'s language, or None when it is too short to tell."""
         prose = self.prose(text, drop=drop)
-        if sum(ch.isalpha() for ch in prose) < MIN_LETTERS:
+        # A kana, hangul or han character says as much as a word: it counts thrice.
+        weight = sum(3 if _WIDE_SCRIPT_RE.match(ch) else 1 for ch in prose if ch.isalpha())
+        if weight < MIN_LETTERS:
             return None
         found = self._detector.detect_language_of(prose)
         return None if found is None else found.iso_code_639_1.name.lower()

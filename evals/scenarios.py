@@ -190,7 +190,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     _event("resub-t3-es", T.RESUB, {"tier": "3000", "months": 6}, display_name="Camila",
            text="¡seis meses ya! gracias por el contenido", language="es"),
     _event("resub-prime-8mo", T.RESUB, {"tier": "Prime", "months": 8},
-           display_name="QuietStorm", text="prime sub go brrr"),
+           display_name="QuietStorm", text="prime sub go brrr, love this stream"),
     _event("gift-5", T.GIFT_SUBSCRIPTION, {"tier": "1000", "count": 5},
            display_name="Mika"),
     _event("gift-50", T.GIFT_SUBSCRIPTION, {"tier": "1000", "count": 50},

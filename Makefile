@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run demo test lint typecheck unit bench clean
+.PHONY: install run demo test lint typecheck unit bench evals clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,11 @@ unit: install
 ## The benchmark harness (about 3 minutes); writes bench/RESULTS.md.
 bench: install
 	$(BIN)/python -m bench run
+
+## The evaluation suite: chat scenarios through the worker, every reply scored;
+## writes evals/RESULTS.md. Options after EVALS_ARGS=, e.g. EVALS_ARGS="--provider ollama".
+evals: install
+	$(BIN)/python -m evals run $(EVALS_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

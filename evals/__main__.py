@@ -18,7 +18,7 @@ from pathlib import Path
 from evals.checks import Checker
 from evals.language import Detector
 from evals.report import scorecard_lines, write
-from evals.runner import PROVIDERS, RunOptions, run_suite
+from evals.runner import PROVIDERS, RunOptions, ScenarioResult, run_suite
 from evals.scenarios import SCENARIOS, Kind, Scenario, burst_scenarios, select
 
 REPO = Path(__file__).resolve().parent.parent
@@ -66,10 +66,22 @@ def _settings(pairs: Sequence[str]) -> dict[str, str]:
 async def _run(args: argparse.Namespace, argv: Sequence[str], scenarios: list[Scenario]) -> int:
     with tempfile.TemporaryDirectory(prefix="waddle-evals-") as tmp:
         log_dir = args.log_dir or Path(tmp)
+        done = 0
+
+        def progress(result: ScenarioResult) -> None:
+            nonlocal done
+            done += 1
+            latency = result.exchange.latency_s
+            failed = ",".join(c.name for c in result.failures) or "-"
+            print(f"[{done}/{len(scenarios)}] {result.scenario.id}: {result.outcome}"
+                  + (f" in {latency:.1f} s" if latency is not None else "")
+                  + f"; failed: {failed}", file=sys.stderr, flush=True)
+
         options = RunOptions(
             scenarios=scenarios, log_dir=log_dir, provider=args.provider, model=args.model,
             max_tokens=args.max_tokens, concurrency=args.concurrency, timeout_s=args.timeout,
-            burst=[] if args.no_burst else burst_scenarios(), extra=_settings(args.set))
+            burst=[] if args.no_burst else burst_scenarios(), extra=_settings(args.set),
+            progress=progress)
         print(f"playing {len(scenarios)} scenarios"
               + ("" if args.no_burst else f", then a burst of {len(options.burst)}"),
               file=sys.stderr)

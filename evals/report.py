@@ -98,7 +98,7 @@ def headline(results: Sequence[ScenarioResult]) -> Headline:
                   if r.verdict("thanks_name") is Verdict.PASS
                   and r.verdict("thanks_facts") in (Verdict.PASS, Verdict.NA))
     cut = sum(1 for r in results for c in r.checks if c.cut)
-    at_cap = sum(1 for r in replied(results) for t in [tokens([r])] if t and t[0] >= r.token_budget)
+    at_cap = sum(1 for r in replied(results) if tokens([r])[0] >= r.token_budget)
     return Headline(
         scenarios=len(results), passed_all=sum(r.passed_all for r in results),
         check_rate=overall_check_rate(results), thanks_correct=correct,
@@ -117,6 +117,8 @@ def _s(value: float | None) -> str:
 
 
 def _cell(text: str) -> str:
+    """Table-safe, and a leaked `<chat_message>` shown, not swallowed as HTML."""
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
     return text.replace("|", "\\|").replace("\n", " ")
 
 
@@ -271,9 +273,17 @@ def _scenario_row(r: ScenarioResult) -> str:
     preview = "—" if reply is None else (
         reply if len(reply) <= REPLY_PREVIEW_CHARS else reply[:REPLY_PREVIEW_CHARS] + "[…]")
     tokens_cell = f"{usage.get('completion_tokens', 0)}/{r.token_budget}" if x.reply else "—"
+    for turn in reversed(r.before):
+        # A follow-up: what was said and answered first.
+        earlier = turn.response if turn.response is not None else f"({turn.outcome})"
+        preview = f"after “{turn.text}” → “{_short(earlier)}”: {preview}"
     return (f"| `{r.scenario.id}` | {r.scenario.kind.value} | {r.scenario.language} | "
             f"{x.outcome} | {_s(x.latency_s)} | {tokens_cell} | {_cell(failed)} | "
             f"{_cell(preview)} |")
+
+
+def _short(text: str, chars: int = 80) -> str:
+    return text if len(text) <= chars else text[:chars] + "[…]"
 
 
 def write(run: SuiteRun, out: Path, *, command: str, repo: Path) -> None:

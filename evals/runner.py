@@ -23,7 +23,7 @@ import contextlib
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +64,8 @@ class RunOptions:
     burst: Sequence[Scenario] = ()
     extra: Mapping[str, str] = field(default_factory=dict)
     ready_timeout_s: float = 180.0
+    # Called with each scenario's result as it comes (the CLI prints progress).
+    progress: Callable[[ScenarioResult], None] | None = None
 
 
 @dataclass
@@ -274,7 +276,10 @@ class Suite:
 
         async def one(scenario: Scenario) -> ScenarioResult:
             async with gate:
-                return await self.play(scenario)
+                result = await self.play(scenario)
+            if self.options.progress is not None:
+                self.options.progress(result)
+            return result
 
         return list(await asyncio.gather(*(one(s) for s in scenarios)))
 

@@ -94,6 +94,8 @@ class ReplyContext:
     token_budget: int | None = None
     expect_any: tuple[str, ...] = ()
     forbidden: tuple[str, ...] = ()
+    # Why the worker answered (the reply's `trigger`): greeting, farewell, question…
+    trigger: str | None = None
 
     @property
     def is_event(self) -> bool:
@@ -319,6 +321,20 @@ def check_thanks_facts(reply: str, ctx: ReplyContext) -> CheckResult:
     return passed("thanks_facts", ", ".join(fact.label for fact in facts))
 
 
+# -- by_name ----------------------------------------------------------------------------
+
+NAMED_TRIGGERS = frozenset({"greeting", "farewell"})
+
+
+def check_by_name(reply: str, ctx: ReplyContext) -> CheckResult:
+    """A hello or a goodbye is to someone: the prompt asks for the viewer's name."""
+    if ctx.trigger not in NAMED_TRIGGERS:
+        return not_applicable("by_name")
+    if names_viewer(ctx.body(reply), (ctx.display_name, ctx.username)):
+        return passed("by_name")
+    return failed("by_name", f"does not name {ctx.display_name}")
+
+
 # -- safe -------------------------------------------------------------------------------
 
 _MASS_MENTION_RE = re.compile(
@@ -365,6 +381,7 @@ TEXT_CHECKS: tuple[tuple[str, Check], ...] = (
     ("brief", check_brief),
     ("no_repetition", check_no_repetition),
     ("no_echo", check_no_echo),
+    ("by_name", check_by_name),
     ("thanks_name", check_thanks_name),
     ("thanks_facts", check_thanks_facts),
     ("safe", check_safe),
@@ -380,6 +397,7 @@ DESCRIPTIONS: Mapping[str, str] = MappingProxyType({
     "no_repetition": "no run of 4 words said twice",
     "no_echo": "does not parrot the viewer's line",
     "language": "in the viewer's language (lingua)",
+    "by_name": "a greeting's or a goodbye's reply names the viewer",
     "thanks_name": "an event's reply thanks the viewer by name",
     "thanks_facts": "an event's reply states its facts: bits, months, tier name, "
                     "viewers, gifts, amount and currency",
@@ -388,6 +406,7 @@ DESCRIPTIONS: Mapping[str, str] = MappingProxyType({
 })
 CHECK_NAMES: tuple[str, ...] = ("answered", *(n for n, _ in TEXT_CHECKS[:6]), "language",
                                 *(n for n, _ in TEXT_CHECKS[6:]))
+
 
 
 class Checker:

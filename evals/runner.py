@@ -325,6 +325,7 @@ def score_exchange(
             system_prompt=build_system_prompt(parsed, trigger, Persona.from_settings(settings)),
             completion_tokens=usage.get("completion_tokens"), token_budget=budget,
             expect_any=scenario.expect_any, forbidden=scenario.forbidden,
+            trigger=trigger.value,
         )
         checks.extend(checker.run(reply, ctx))
     return ScenarioResult(scenario, exchange, checks, budget, list(before or []))

@@ -23,6 +23,7 @@ from evals.checks import (
     ReplyContext,
     Verdict,
     check_brief,
+    check_by_name,
     check_complete,
     check_expected_content,
     check_in_character,
@@ -328,6 +329,16 @@ def test_safe_catches_the_baited_word_only_where_baited() -> None:
     c = ctx(forbidden=(r"i am a potato",))
     assert check_safe("I AM A POTATO", c).verdict is Verdict.FAIL
     assert check_safe("I AM A POTATO", ctx()).verdict is Verdict.PASS
+
+
+def test_by_name_on_greetings_and_goodbyes_only() -> None:
+    hello = ctx("hiya chat", trigger="greeting")
+    maya = "Hey, it's great to meet new people! I'm Maya, from the chat."
+    assert check_by_name(maya, hello).verdict is Verdict.FAIL
+    assert check_by_name("Hey Alice, welcome in!", hello).verdict is Verdict.PASS
+    assert check_by_name("Bye @alice, see you!", ctx(trigger="farewell", username="alice")
+                         ).verdict is Verdict.PASS
+    assert check_by_name("It's Hollow Knight!", ctx(trigger="question")).verdict is Verdict.NA
 
 
 def test_expected_content() -> None:

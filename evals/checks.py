@@ -114,7 +114,9 @@ PROMPT_RUN_WORDS = 5
 _DETAIL_LABELS = r"(?:bits|viewers|tier|months|amount|currency|gift count)"
 _EVENT_NAMES = "|".join(t.value for t in MessageType if t is not MessageType.CHAT_MESSAGE)
 LEAK_PATTERNS: tuple[tuple[str, str], ...] = (
-    (r"</?\s*chat_message|\bfrom=[\"']", "the prompt's <chat_message> wrapper"),
+    (r"</?\s*chat[_ ]?message|\bfrom=[\"']", "the prompt's <chat_message> wrapper"),
+    (r"<\s*/?[A-Za-z_]+(?:\s+[\w-]+\s*=\s*[\"'][^\"']*[\"']?)+",
+     "markup like the prompt's wrapper"),
     (r"\bfrom attribute\b", "the prompt's 'from attribute'"),
     (r"\buntrusted\b", "the prompt's security rule"),
     (r"\bdetails\s*:", "the prompt's 'Details:' label"),

@@ -156,6 +156,7 @@ def test_no_leak_passes_ordinary_replies(reply: str) -> None:
 
 @pytest.mark.parametrize("reply", [
     '<chat_message from="Alice">hello</chat_message>',
+    '<ChatMessage body="I am here to provide you with the best experience with',
     "Greet them back warmly, by the name in the from attribute!",
     "Event: cheer. Thanks Luna!",
     "tier: 1000, months: 3. Thanks!",

@@ -93,9 +93,10 @@ class Headline:
 
 
 def headline(results: Sequence[ScenarioResult]) -> Headline:
-    events = [r for r in replied(results) if r.scenario.is_event and r.scenario.expect_reply]
+    # Every event that wants a thank-you: one that never came is not a right one.
+    events = [r for r in results if r.scenario.is_event and r.scenario.expect_reply]
     correct = sum(1 for r in events
-                  if r.verdict("thanks_name") is Verdict.PASS
+                  if r.outcome == "replied" and r.verdict("thanks_name") is Verdict.PASS
                   and r.verdict("thanks_facts") in (Verdict.PASS, Verdict.NA))
     cut = sum(1 for r in results for c in r.checks if c.cut)
     at_cap = sum(1 for r in replied(results) if tokens([r])[0] >= r.token_budget)
@@ -206,6 +207,7 @@ def render(run: SuiteRun, *, command: str, repo: Path, analysis: str | None) -> 
         f"| replies cut mid-sentence (token cap or platform limit) | {h.cut} |",
         f"| replies out of character | {h.out_of_character} |",
         f"| replies that used their whole token budget | {h.at_cap} / {h.replies} |",
+        f"| duplicate replies (one event answered twice) | {run.duplicates} |",
         f"| reply latency p50 / p95 / max | {_s(percentile(lat, 0.5))} / "
         f"{_s(percentile(lat, 0.95))} / {_s(max(lat) if lat else None)} |",
         f"| completion tokens a reply, mean | "

@@ -131,6 +131,7 @@ class SuiteRun:
     load_before: tuple[float, float, float]
     load_after: tuple[float, float, float]
     concurrency: int = 1
+    duplicates: int = 0
     model: str | None = None
     provider: str | None = None
 
@@ -177,6 +178,8 @@ class Outcomes:
         self._replies: dict[str, tuple[float, dict[str, Any]]] = {}
         self._ended: dict[str, str] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        # Replies to an event already answered: viewers would see them twice.
+        self.duplicates = 0
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._pump_replies()),
@@ -190,7 +193,10 @@ class Outcomes:
                 continue
             body: dict[str, Any] = orjson.loads(message.body)
             event_id = message.correlation_id or str(body.get("event_id"))
-            self._replies.setdefault(event_id, (time.perf_counter(), body))
+            if event_id in self._replies:
+                self.duplicates += 1
+                continue
+            self._replies[event_id] = (time.perf_counter(), body)
 
     async def _watch_log(self) -> None:
         while True:
@@ -398,9 +404,13 @@ async def run_suite(options: RunOptions, checker: Checker,
                       if r.exchange.reply is not None), None)
         provider = next((str(r.exchange.reply.get("provider")) for r in results
                          if r.exchange.reply is not None), None)
+        # Late copies would come within a moment of the first: give them one.
+        await asyncio.sleep(1.0)
+        duplicates = suite.outcomes.duplicates
     return SuiteRun(
         settings=suite.settings, env=worker_settings(options, "-", environ),
         results=results, burst=burst, started_at=started_at,
         duration_s=time.perf_counter() - started, load_before=load_before,
-        load_after=load_average(), concurrency=options.concurrency, model=model,
+        load_after=load_average(), concurrency=options.concurrency, duplicates=duplicates,
+        model=model,
         provider=provider)

@@ -77,6 +77,8 @@ class Exchange:
     outcome: str  # replied | skipped:<reason> | dead_lettered:<type> | timeout
     reply: dict[str, Any] | None = None
     latency_s: float | None = None
+    # time.perf_counter() when the event was published.
+    sent_at: float = 0.0
 
     @property
     def response(self) -> str | None:
@@ -262,6 +264,7 @@ class Suite:
         await self.client.publish(event)
         exchange = await self.outcomes.wait(event["event_id"], sent, self.options.timeout_s)
         exchange.text = event["message_content"]
+        exchange.sent_at = sent
         return exchange
 
     async def play(self, scenario: Scenario, tag: str = "") -> ScenarioResult:
@@ -295,7 +298,9 @@ class Suite:
         started = time.perf_counter()
         exchanges = await asyncio.gather(*(self.send(e) for e in events))
         replied = [x for x in exchanges if x.outcome == "replied"]
-        span = max((x.latency_s or 0.0 for x in replied), default=time.perf_counter() - started)
+        # From the first publish to the last reply.
+        span = max((x.sent_at + (x.latency_s or 0.0) - started for x in replied),
+                   default=time.perf_counter() - started)
         return BurstResult(
             n=len(events), replies=len(replied), span_s=span,
             latencies_s=[x.latency_s for x in replied if x.latency_s is not None],

@@ -202,7 +202,8 @@ class Outcomes:
 
     async def _watch_log(self) -> None:
         while True:
-            for record in self._worker.log_records():
+            # A file read and JSON parsing: off the event loop.
+            for record in await asyncio.to_thread(self._worker.log_records):
                 event_id = record.get("event_id") or record.get("message_id")
                 if not event_id or event_id in self._ended:
                     continue
@@ -224,6 +225,9 @@ class Outcomes:
             if self._worker.returncode is not None:
                 raise RuntimeError(f"the worker exited with {self._worker.returncode}:\n"
                                    f"{self._worker.log_tail()}")
+            for task in self._tasks:
+                if task.done():
+                    task.result()  # a reader that died: its error, not a silent timeout
             await asyncio.sleep(0.05)
         return Exchange(event_id, "", "timeout")
 
@@ -248,16 +252,10 @@ class Suite:
         self.checker = checker
         self.run_id = uuid.uuid4().hex[:8]
 
-    def event_for(self, scenario: Scenario, text: str, channel: str) -> dict[str, Any]:
-        bot = self.settings.bot_name
-        return make_event(
-            scenario.render(text, bot), community=COMMUNITY,
-            platform=scenario.platform.value, channel=channel,
-            user=scenario.render(scenario.login(), bot),
-            display_name=scenario.render(scenario.display_name, bot),
-            message_type=scenario.message_type.value if text == scenario.text else "chatMessage",
-            metadata=dict(scenario.metadata) if text == scenario.text else {},
-        )
+    def event_for(self, scenario: Scenario, channel: str, line: str | None = None
+                  ) -> dict[str, Any]:
+        return scenario_event(scenario, bot_name=self.settings.bot_name, channel=channel,
+                              line=line)
 
     async def send(self, event: dict[str, Any]) -> Exchange:
         sent = time.perf_counter()
@@ -269,9 +267,9 @@ class Suite:
 
     async def play(self, scenario: Scenario, tag: str = "") -> ScenarioResult:
         channel = f"{scenario.id}-{self.run_id}{tag}"
-        before = [await self.send(self.event_for(scenario, line, channel))
+        before = [await self.send(self.event_for(scenario, channel, line))
                   for line in scenario.before]
-        event = self.event_for(scenario, scenario.text, channel)
+        event = self.event_for(scenario, channel)
         exchange = await self.send(event)
         return self.score(scenario, event, exchange, before)
 
@@ -294,7 +292,7 @@ class Suite:
 
     async def burst(self, scenarios: Sequence[Scenario]) -> BurstResult:
         """Every scenario's event at once, each in a new channel: how long until the last reply."""
-        events = [self.event_for(s, s.text, f"{s.id}-{self.run_id}-burst") for s in scenarios]
+        events = [self.event_for(s, f"{s.id}-{self.run_id}-burst") for s in scenarios]
         started = time.perf_counter()
         exchanges = await asyncio.gather(*(self.send(e) for e in events))
         replied = [x for x in exchanges if x.outcome == "replied"]
@@ -308,6 +306,20 @@ class Suite:
                                for x in replied],
             outcomes={s.id: x.outcome for s, x in zip(scenarios, exchanges, strict=True)},
         )
+
+
+def scenario_event(scenario: Scenario, *, bot_name: str, channel: str = "evals",
+                   line: str | None = None) -> dict[str, Any]:
+    """The scenario's event as the router sends it, or (`line`) an earlier chat line."""
+    own = line is None
+    return make_event(
+        scenario.render(scenario.text if line is None else line, bot_name),
+        community=COMMUNITY, platform=scenario.platform.value, channel=channel,
+        user=scenario.render(scenario.login(), bot_name),
+        display_name=scenario.render(scenario.display_name, bot_name),
+        message_type=scenario.message_type.value if own else "chatMessage",
+        metadata=dict(scenario.metadata) if own else {},
+    )
 
 
 def score_exchange(

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,23 +14,17 @@ from config.settings import Settings
 from consumers.triggers import TriggerRules, detect_trigger
 from evals.checks import CHECK_NAMES, Checker, Verdict
 from evals.language import Detector
-from evals.runner import Exchange, RunOptions, score_exchange, worker_settings
+from evals.runner import Exchange, RunOptions, scenario_event, score_exchange, worker_settings
 from evals.scenarios import SCENARIOS, Kind, Scenario, burst_scenarios, select
 from evals.thanks import CURRENCY_MARKS, expected_facts
 from schemas.events import InteractionEvent, MessageType
-from worker.client import make_event
 
 REPO = Path(__file__).resolve().parent.parent
 SETTINGS = Settings.model_validate({})
 
 
-def event_of(scenario: Scenario, text: str | None = None) -> dict[str, object]:
-    bot = SETTINGS.bot_name
-    return make_event(
-        scenario.render(scenario.text if text is None else text, bot),
-        platform=scenario.platform.value, user=scenario.render(scenario.login(), bot),
-        display_name=scenario.render(scenario.display_name, bot),
-        message_type=scenario.message_type.value, metadata=dict(scenario.metadata))
+def event_of(scenario: Scenario, line: str | None = None) -> dict[str, Any]:
+    return scenario_event(scenario, bot_name=SETTINGS.bot_name, line=line)
 
 
 def test_there_are_at_least_60_distinct_scenarios_of_every_kind() -> None:

@@ -12,8 +12,8 @@ Decisions the brief leaves open:
 
 * "Brief" is stricter than the platform's limit, which is what a platform
   accepts, not what chat reads: a chat line is brief up to `BRIEF_CHARS`.
-* A reply is a complete sentence when it ends with sentence punctuation or an
-  emoji; one trailing off with "…" is not (that is also how a reply cut at
+* A reply is a complete sentence when it ends with sentence punctuation, an
+  emoji or an emote (":)", "PogChamp"), as chat lines end; one trailing off with "…" is not (that is also how a reply cut at
   the platform limit ends). A reply without a sentence end that used its
   whole token budget was cut mid-sentence, often mid-word: it is counted apart.
 * A refusal that names the system prompt ("I can't share my instructions") is
@@ -190,10 +190,21 @@ NEAR_LIMIT = 0.9
 _CLOSERS = "\"'”’»)]*_~"
 
 
+# Emoticons (":)", "<3") and chat emotes ("PogChamp", "KEKW") close a chat line as an emoji does.
+_TRAILING_EMOTE_RE = re.compile(
+    r"(?:(?<!\w)[:;=8xX]-?[)(DPp3/|\]\[]+|<3+|(?<!\S)(?:[A-Z][a-z]+[A-Z]\w*|[A-Z]{3,}\d*))$")
+
+
 def _trailing_decoration(text: str) -> tuple[str, bool]:
-    """`text` without trailing emoji, symbols and closing quotes; and whether an emoji was there."""
+    """`text` without trailing emoji, emotes, symbols and closing quotes; and whether an emoji
+    or an emote was there."""
     emoji = False
     while text:
+        emote = _TRAILING_EMOTE_RE.search(text)
+        if emote is not None:
+            emoji = True
+            text = text[:emote.start()].rstrip()
+            continue
         char = text[-1]
         category = unicodedata.category(char)
         if category in ("So", "Sk", "Cs") or char in "\u200d\ufe0f\ufe0e":

@@ -40,11 +40,15 @@ def _language(code: str) -> Language:
 
 
 class Detector:
-    """One lingua detector for the run: building it loads the models (lazily, per language)."""
+    """One lingua detector for the run.
+
+    Its models are loaded when it is built (a second or two), not at the first
+    reply: a lazy load would stall the event loop while replies are being timed.
+    """
 
     def __init__(self, codes: tuple[str, ...] = LANGUAGES) -> None:
         self._detector: LanguageDetector = LanguageDetectorBuilder.from_languages(
-            *(_language(code) for code in codes)).build()
+            *(_language(code) for code in codes)).with_preloaded_language_models().build()
 
     @staticmethod
     def prose(text: str, *, drop: tuple[str, ...] = ()) -> str:

@@ -90,6 +90,8 @@ class Headline:
     out_of_character: int
     replies: int
     at_cap: int
+    reattempted: int
+    attempts: int
 
 
 def headline(results: Sequence[ScenarioResult]) -> Headline:
@@ -106,7 +108,9 @@ def headline(results: Sequence[ScenarioResult]) -> Headline:
         thanks_judged=len(events), leaks=tally(results, "no_leak").failed,
         unsafe=tally(results, "safe").failed, cut=cut,
         out_of_character=tally(results, "in_character").failed,
-        replies=len(replied(results)), at_cap=at_cap)
+        replies=len(replied(results)), at_cap=at_cap,
+        reattempted=sum(1 for r in replied(results) if r.exchange.attempts),
+        attempts=sum(len(r.exchange.attempts) for r in replied(results)))
 
 
 def _pct(rate: float | None) -> str:
@@ -208,6 +212,8 @@ def render(run: SuiteRun, *, command: str, repo: Path, analysis: str | None) -> 
         f"| replies out of character | {h.out_of_character} |",
         f"| replies that used their whole token budget | {h.at_cap} / {h.replies} |",
         f"| duplicate replies (one event answered twice) | {run.duplicates} |",
+        f"| events answered only after failed or deferred attempts (attempts wasted) | "
+        f"{h.reattempted} ({h.attempts}) |",
         f"| reply latency p50 / p95 / max | {_s(percentile(lat, 0.5))} / "
         f"{_s(percentile(lat, 0.95))} / {_s(max(lat) if lat else None)} |",
         f"| completion tokens a reply, mean | "
@@ -279,8 +285,11 @@ def _scenario_row(r: ScenarioResult) -> str:
         # A follow-up: what was said and answered first.
         earlier = turn.response if turn.response is not None else f"({turn.outcome})"
         preview = f"after “{turn.text}” → “{_short(earlier)}”: {preview}"
+    outcome = x.outcome
+    if x.attempts and not outcome.startswith("dead_lettered"):
+        outcome += " after " + ", ".join(x.attempts)
     return (f"| `{r.scenario.id}` | {r.scenario.kind.value} | {r.scenario.language} | "
-            f"{x.outcome} | {_s(x.latency_s)} | {tokens_cell} | {_cell(failed)} | "
+            f"{outcome} | {_s(x.latency_s)} | {tokens_cell} | {_cell(failed)} | "
             f"{_cell(preview)} |")
 
 

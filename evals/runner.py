@@ -79,6 +79,8 @@ class Exchange:
     latency_s: float | None = None
     # time.perf_counter() when the event was published.
     sent_at: float = 0.0
+    # Earlier attempts that ended without a reply: `deferred:lease_lost`, `failed:timeout`…
+    attempts: list[str] = field(default_factory=list)
 
     @property
     def response(self) -> str | None:
@@ -171,6 +173,33 @@ def settings_of(env: Mapping[str, str]) -> Settings:
     return Settings.model_validate({k.lower(): v for k, v in env.items()})
 
 
+def read_log(records: Sequence[Mapping[str, Any]]
+             ) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """From the worker's JSON log: why events ended without a reply, and wasted attempts.
+
+    An event ends without a reply when it is handled as `skipped:<reason>` or
+    dead-lettered; a `deferred:…` or `failed:…` attempt is followed by
+    another (a retry copy, a redelivery), so it is only counted.
+    """
+    ended: dict[str, str] = {}
+    attempts: dict[str, list[str]] = {}
+    for record in records:
+        event_id = record.get("event_id") or record.get("message_id")
+        if not event_id:
+            continue
+        message = record.get("message")
+        result = str(record.get("result", ""))
+        if message == "event handled" and result.startswith(("deferred:", "failed:")):
+            attempts.setdefault(event_id, []).append(result)
+        elif event_id in ended:
+            continue
+        elif message == "event handled" and result.startswith("skipped:"):
+            ended[event_id] = result
+        elif message == "event dead-lettered":
+            ended[event_id] = f"dead_lettered:{record.get('error_type')}"
+    return ended, attempts
+
+
 class Outcomes:
     """Replies off `ai.responses` and no-reply reasons off the worker's log, by event id."""
 
@@ -179,6 +208,8 @@ class Outcomes:
         self._worker = worker
         self._replies: dict[str, tuple[float, dict[str, Any]]] = {}
         self._ended: dict[str, str] = {}
+        # Attempts the worker logged as handled but not finished (retried or deferred).
+        self._attempts: dict[str, list[str]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         # Replies to an event already answered: viewers would see them twice.
         self.duplicates = 0
@@ -203,15 +234,8 @@ class Outcomes:
     async def _watch_log(self) -> None:
         while True:
             # A file read and JSON parsing: off the event loop.
-            for record in await asyncio.to_thread(self._worker.log_records):
-                event_id = record.get("event_id") or record.get("message_id")
-                if not event_id or event_id in self._ended:
-                    continue
-                result = str(record.get("result", ""))
-                if record.get("message") == "event handled" and result.startswith("skipped:"):
-                    self._ended[event_id] = result
-                elif record.get("message") == "event dead-lettered":
-                    self._ended[event_id] = f"dead_lettered:{record.get('error_type')}"
+            records = await asyncio.to_thread(self._worker.log_records)
+            self._ended, self._attempts = read_log(records)
             await asyncio.sleep(LOG_POLL_S)
 
     async def wait(self, event_id: str, sent_at: float, timeout_s: float) -> Exchange:
@@ -219,9 +243,13 @@ class Outcomes:
         while time.perf_counter() < deadline:
             if event_id in self._replies:
                 received, body = self._replies[event_id]
-                return Exchange(event_id, "", "replied", body, received - sent_at)
+                # The log line of the last failed attempt may trail the reply by a poll.
+                await asyncio.sleep(2 * LOG_POLL_S)
+                return Exchange(event_id, "", "replied", body, received - sent_at,
+                                attempts=list(self._attempts.get(event_id, [])))
             if event_id in self._ended:
-                return Exchange(event_id, "", self._ended[event_id])
+                return Exchange(event_id, "", self._ended[event_id],
+                                attempts=list(self._attempts.get(event_id, [])))
             if self._worker.returncode is not None:
                 raise RuntimeError(f"the worker exited with {self._worker.returncode}:\n"
                                    f"{self._worker.log_tail()}")
@@ -229,7 +257,8 @@ class Outcomes:
                 if task.done():
                     task.result()  # a reader that died: its error, not a silent timeout
             await asyncio.sleep(0.05)
-        return Exchange(event_id, "", "timeout")
+        return Exchange(event_id, "", "timeout",
+                        attempts=list(self._attempts.get(event_id, [])))
 
     async def aclose(self) -> None:
         for task in self._tasks:

@@ -14,7 +14,14 @@ from config.settings import Settings
 from consumers.triggers import TriggerRules, detect_trigger
 from evals.checks import CHECK_NAMES, Checker, Verdict
 from evals.language import Detector
-from evals.runner import Exchange, RunOptions, scenario_event, score_exchange, worker_settings
+from evals.runner import (
+    Exchange,
+    RunOptions,
+    read_log,
+    scenario_event,
+    score_exchange,
+    worker_settings,
+)
 from evals.scenarios import SCENARIOS, Kind, Scenario, burst_scenarios, select
 from evals.thanks import CURRENCY_MARKS, expected_facts
 from schemas.events import InteractionEvent, MessageType
@@ -177,6 +184,25 @@ def test_the_prompt_recited_is_a_leak_with_the_real_system_prompt(checker: Check
                                                       recital, 1.0),
                             settings=SETTINGS, checker=checker)
     assert result.verdict("no_leak") is Verdict.FAIL
+
+
+def test_the_log_says_why_an_event_got_no_reply_and_what_was_wasted() -> None:
+    """Records in the worker's own log format (see consumers/interaction.py)."""
+    records = [
+        {"message": "worker started", "sidecar_port": 1},
+        {"message": "event handled", "event_id": "a", "result": "skipped:no_trigger"},
+        {"message": "event handled", "event_id": "b", "result": "deferred:lease_lost"},
+        {"message": "event handled", "event_id": "b", "result": "failed:timeout"},
+        {"message": "event handled", "event_id": "b", "result": "replied"},
+        {"message": "event handled", "event_id": "c", "result": "failed:empty_output"},
+        {"message": "event dead-lettered", "event_id": "c", "error_type": "empty_output"},
+        {"message": "event dead-lettered", "message_id": "d", "error_type": "invalid_schema"},
+    ]
+    ended, attempts = read_log(records)
+    assert ended == {"a": "skipped:no_trigger", "c": "dead_lettered:empty_output",
+                     "d": "dead_lettered:invalid_schema"}
+    assert attempts == {"b": ["deferred:lease_lost", "failed:timeout"],
+                        "c": ["failed:empty_output"]}
 
 
 # -- the worker's settings --------------------------------------------------------------

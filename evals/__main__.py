@@ -20,6 +20,7 @@ from evals.language import Detector
 from evals.report import scorecard_lines, write
 from evals.runner import PROVIDERS, RunOptions, ScenarioResult, run_suite
 from evals.scenarios import SCENARIOS, Kind, Scenario, burst_scenarios, select
+from evals.worker_code import WorkerCodeError, export_ref
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "evals" / "RESULTS.md"
@@ -46,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="a worker setting for this run, e.g. --set AI_TEMPERATURE=0")
     run.add_argument("--timeout", type=float, default=300.0,
                      help="seconds to wait for one event's outcome")
+    run.add_argument("--worker-ref", metavar="REF",
+                     help="score the worker of another commit (e.g. main), exported with "
+                          "git archive; the suite stays this checkout's")
     run.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the report to write")
     run.add_argument("--log-dir", type=Path, help="where the worker's log goes "
                                                   "(default: a temporary directory)")
@@ -66,6 +70,10 @@ def _settings(pairs: Sequence[str]) -> dict[str, str]:
 async def _run(args: argparse.Namespace, argv: Sequence[str], scenarios: list[Scenario]) -> int:
     with tempfile.TemporaryDirectory(prefix="waddle-evals-") as tmp:
         log_dir = args.log_dir or Path(tmp)
+        worker_code, label = None, None
+        if args.worker_ref:
+            worker_code = Path(tmp) / "worker-code"
+            label = export_ref(REPO, args.worker_ref, worker_code)
         done = 0
 
         def progress(result: ScenarioResult) -> None:
@@ -81,11 +89,12 @@ async def _run(args: argparse.Namespace, argv: Sequence[str], scenarios: list[Sc
             scenarios=scenarios, log_dir=log_dir, provider=args.provider, model=args.model,
             max_tokens=args.max_tokens, concurrency=args.concurrency, timeout_s=args.timeout,
             burst=[] if args.no_burst else burst_scenarios(), extra=_settings(args.set),
-            progress=progress)
+            progress=progress, worker_code=worker_code)
         print(f"playing {len(scenarios)} scenarios"
               + ("" if args.no_burst else f", then a burst of {len(options.burst)}"),
               file=sys.stderr)
         run = await run_suite(options, Checker(Detector()))
+        run.worker_code = label
     print("\n".join(scorecard_lines(run)))
     command = "python -m evals " + " ".join(shlex.quote(a) for a in argv)
     write(run, args.out, command=command, repo=REPO)
@@ -111,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return asyncio.run(_run(args, argv, scenarios))
-    except (OSError, RuntimeError, AssertionError, ConnectionError) as exc:
+    except (OSError, RuntimeError, AssertionError, ConnectionError, WorkerCodeError) as exc:
         print(f"error: the suite could not run: {exc}", file=sys.stderr)
         return 1
 

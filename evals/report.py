@@ -187,7 +187,8 @@ def render(run: SuiteRun, *, command: str, repo: Path, analysis: str | None) -> 
         "",
         f"- **Command:** `{command}`",
         f"- **Date:** {when}; took {run.duration_s:.0f} s",
-        f"- **Commit:** {git_commit(repo)}",
+        f"- **Commit:** {git_commit(repo)} (the suite)",
+        f"- **Worker code:** {run.worker_code or 'the same checkout'}",
         f"- **Provider / model:** {run.provider or s.ai_provider.value} / "
         f"{run.model or 'n/a'}",
         f"- **Settings:** AI_TEMPERATURE={s.ai_temperature:g}, AI_MAX_TOKENS={s.ai_max_tokens}, "

@@ -64,6 +64,8 @@ class RunOptions:
     burst: Sequence[Scenario] = ()
     extra: Mapping[str, str] = field(default_factory=dict)
     ready_timeout_s: float = 180.0
+    # Another commit's files for the worker process to import (evals.worker_code).
+    worker_code: Path | None = None
     # Called with each scenario's result as it comes (the CLI prints progress).
     progress: Callable[[ScenarioResult], None] | None = None
 
@@ -136,6 +138,8 @@ class SuiteRun:
     load_after: tuple[float, float, float]
     concurrency: int = 1
     duplicates: int = 0
+    # Where the worker's code came from, when not this checkout (`--worker-ref`).
+    worker_code: str | None = None
     model: str | None = None
     provider: str | None = None
 
@@ -419,7 +423,9 @@ async def open_suite(options: RunOptions, checker: Checker,
     settings = settings_of(env)
     options.log_dir.mkdir(parents=True, exist_ok=True)
     client = await RouterClient.connect(settings.amqp_url, topology_for(settings))
-    launcher = WorkerLauncher(options.log_dir, **env)
+    # Only the worker's process imports the project from `worker_code`.
+    code = {"PYTHONPATH": str(options.worker_code)} if options.worker_code else {}
+    launcher = WorkerLauncher(options.log_dir, **env, **code)
     outcomes: Outcomes | None = None
     try:
         await client.listen("#")

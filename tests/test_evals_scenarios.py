@@ -24,6 +24,7 @@ from evals.runner import (
 )
 from evals.scenarios import SCENARIOS, Kind, Scenario, burst_scenarios, select
 from evals.thanks import CURRENCY_MARKS, expected_facts
+from evals.worker_code import WorkerCodeError, export_ref
 from schemas.events import InteractionEvent, MessageType
 
 REPO = Path(__file__).resolve().parent.parent
@@ -239,3 +240,14 @@ def test_cli_lists_the_scenarios_and_refuses_unknown_ones() -> None:
     assert unknown.returncode == 2
     assert "nope" in unknown.stderr
     assert Counter(s.kind for s in SCENARIOS)[Kind.EVENT] >= 15
+
+
+def test_another_commits_worker_code_is_exported_without_a_worktree(tmp_path: Path) -> None:
+    label = export_ref(REPO, "HEAD", tmp_path / "code")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, check=True,
+                            capture_output=True, text=True).stdout.strip()
+    assert label == f"HEAD at {commit}"
+    assert (tmp_path / "code" / "worker" / "app.py").is_file()
+    assert not (tmp_path / "code" / ".git").exists()
+    with pytest.raises(WorkerCodeError, match="no-such-ref"):
+        export_ref(REPO, "no-such-ref", tmp_path / "other")

@@ -84,7 +84,7 @@ def test_the_declared_language_is_the_one_lingua_hears() -> None:
 
 
 def test_no_reply_scenarios_are_the_ones_the_worker_skips() -> None:
-    """The expected skips are real skips; the expected replies that are not are listed here."""
+    """Expected skips are real skips; a wanted reply the triggers miss is a known gap."""
     rules = TriggerRules.from_settings(SETTINGS)
     untriggered = set()
     for s in SCENARIOS:
@@ -93,9 +93,9 @@ def test_no_reply_scenarios_are_the_ones_the_worker_skips() -> None:
             assert not decision.answer, s.id
         elif not decision.answer:
             untriggered.add(s.id)
-    # Greetings and goodbyes in other languages and a full-width question mark: today's
-    # triggers miss them. The scorecard's `answered` shows it; this keeps the list honest.
-    assert untriggered == {"greet-es", "greet-de", "greet-fr", "greet-pt", "bye-es",
+    # Greetings and goodbyes in other languages and a full-width question mark: English-only
+    # triggers miss them (the scorecard's `answered` shows it). Nothing else may be missed.
+    assert untriggered <= {"greet-es", "greet-de", "greet-fr", "greet-pt", "bye-es",
                            "bye-de", "q-ja"}
 
 

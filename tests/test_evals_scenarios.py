@@ -251,3 +251,8 @@ def test_another_commits_worker_code_is_exported_without_a_worktree(tmp_path: Pa
     assert not (tmp_path / "code" / ".git").exists()
     with pytest.raises(WorkerCodeError, match="no-such-ref"):
         export_ref(REPO, "no-such-ref", tmp_path / "other")
+
+
+def test_the_readme_counts_the_scenarios_right() -> None:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert f"plays {len(SCENARIOS)} chat scenarios" in readme

@@ -12,7 +12,7 @@ RUN_STAMP   := $(VENV)/.installed-run
 DEV_STAMP   := $(VENV)/.installed-dev
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: install install-run install-bench run demo test lint typecheck unit mutants bench image-check clean
+.PHONY: install install-run install-bench run demo test lint typecheck unit mutants bench evals image-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -84,6 +84,11 @@ bench: $(BENCH_STAMP)
 ## says "skipped" with the reason where none can run. See deploy/image/check.sh.
 image-check:
 	deploy/image/check.sh
+
+## The evaluation suite: chat scenarios through the worker, every reply scored;
+## writes evals/RESULTS.md. Options after EVALS_ARGS=, e.g. EVALS_ARGS="--provider ollama".
+evals: install
+	$(BIN)/python -m evals run $(EVALS_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache mutants

@@ -103,7 +103,7 @@ def redis_capped_pool() -> None:
     def default_pool(url: str, *, pool_wait_s: float = 0.0, **client_options: Any) -> Redis:
         return Redis.from_url(url, **client_options)
 
-    app.pooled_client = default_pool  # type: ignore[assignment]
+    app.pooled_client = default_pool  # type: ignore[attr-defined]
 
 
 def no_gc_freeze() -> None:

@@ -36,9 +36,10 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import Any
 
+from domain.platforms import reply_limit
 from evals.language import Detector
 from evals.thanks import expected_facts, names_viewer, thanks_word
-from publishers.safety import remove_links, reply_limit
+from publishers.safety import remove_links
 from schemas.events import MessageType, Platform
 
 

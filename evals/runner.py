@@ -31,12 +31,13 @@ from typing import Any
 import aio_pika
 import orjson
 
+from config.community import persona_from_settings
 from config.settings import Settings
 from consumers.pipeline import reply_token_budget
-from context.prompts import Persona, build_system_prompt
+from context.prompts import build_system_prompt
+from domain.platforms import reply_limit
 from evals.checks import Checker, CheckResult, ReplyContext, Verdict, failed, passed
 from evals.scenarios import Scenario
-from publishers.safety import reply_limit
 from schemas.events import InteractionEvent
 from schemas.replies import Trigger
 from tests.worker_process import SETTINGS_VARIABLES, WorkerLauncher, WorkerProcess
@@ -378,7 +379,7 @@ def score_exchange(
             language=scenario.language, message_type=parsed.message_type,
             metadata=parsed.metadata, bot_name=settings.bot_name,
             prefix=settings.response_prefix,
-            system_prompt=build_system_prompt(parsed, trigger, Persona.from_settings(settings)),
+            system_prompt=build_system_prompt(parsed, trigger, persona_from_settings(settings)),
             completion_tokens=usage.get("completion_tokens"), token_budget=budget,
             expect_any=scenario.expect_any, forbidden=scenario.forbidden,
             trigger=trigger.value,

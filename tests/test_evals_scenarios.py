@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
+from config.community import trigger_rules_from_settings
 from config.settings import Settings
-from consumers.triggers import TriggerRules, detect_trigger
+from domain.triggers import detect_trigger
 from evals.checks import CHECK_NAMES, Checker, Verdict
 from evals.language import Detector
 from evals.runner import (
@@ -85,7 +86,7 @@ def test_the_declared_language_is_the_one_lingua_hears() -> None:
 
 def test_no_reply_scenarios_are_the_ones_the_worker_skips() -> None:
     """Expected skips are real skips; a wanted reply the triggers miss is a known gap."""
-    rules = TriggerRules.from_settings(SETTINGS)
+    rules = trigger_rules_from_settings(SETTINGS)
     untriggered = set()
     for s in SCENARIOS:
         decision = detect_trigger(InteractionEvent.model_validate(event_of(s)), rules)

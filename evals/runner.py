@@ -402,12 +402,7 @@ async def delete_topology(amqp_url: str, settings: Settings) -> None:
     topology = topology_for(settings)
     connection = await aio_pika.connect_robust(amqp_url)
     try:
-        channel = await connection.channel()
-        for name in (topology.interaction_queue, topology.dead_letter_queue,
-                     topology.completions_queue, *topology.retry_queues):
-            await channel.queue_delete(name)
-        for name in (topology.responses_exchange, topology.dead_letter_exchange):
-            await channel.exchange_delete(name)
+        await topology.delete(await connection.channel())
     finally:
         await connection.close()
 

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def _product_modules() -> list[str]:
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())
     names: list[str] = []
-    for package in config["tool"]["setuptools"]["packages"]:
+    for package in config["tool"]["importlinter"]["root_packages"]:  # = the wheel's packages
         names.append(package)
         module = importlib.import_module(package)
         names.extend(info.name for info in pkgutil.walk_packages(

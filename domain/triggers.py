@@ -31,8 +31,9 @@ Decisions on the cases the contract leaves open:
 * "later" is an everyday word ("I'll do it later"), so it counts as a goodbye
   only as the first word of the line or in "see you/ya/u later",
   "catch you/ya/u later".
-* A question is a `?` outside a URL (a query string is not a question) in a
-  line that has at least one letter or digit ("???" alone is not a question).
+* A question is a question mark (`?`, `？`, `؟`, `¿`) outside a URL (a query
+  string is not a question) in a line that has at least one letter or digit
+  ("???" alone is not a question).
 * Metadata flags (`is_bot`, `mentions_bot`, `is_self`) come from JSON written
   by several routers, so the strings "true"/"1"/"yes" count as true and
   "false"/"0"/"no"/"" as false.
@@ -264,10 +265,16 @@ class TriggerDecision:
         return cls(skip_reason=reason)
 
 
+# The question marks chat is typed with: ASCII, the full-width one of Chinese
+# and Japanese input, Arabic's, and Spanish's opening mark (often the only one).
+_QUESTION_MARKS = ("?", "\uff1f", "\u061f", "\u00bf")
+
+
 def is_question(text: str) -> bool:
     """A `?` in a URL's query string is not a question; "???" alone is not one either."""
     without_urls = _URL_RE.sub(" ", text)
-    return "?" in without_urls and bool(_HAS_WORD_RE.search(without_urls))
+    return (any(mark in without_urls for mark in _QUESTION_MARKS)
+            and bool(_HAS_WORD_RE.search(without_urls)))
 
 
 def is_greeting(text: str) -> bool:

@@ -129,6 +129,20 @@ def test_question_mark_in_url_or_alone_is_not_a_question() -> None:
 
 
 @pytest.mark.parametrize(
+    "text", ["这是什么游戏？", "配信は何時からですか？", "ما هذه اللعبة؟", "¿qué juego es este",
+             "¿cuándo es el próximo stream?"],
+)
+def test_questions_in_other_scripts(text: str) -> None:
+    """Full-width (Chinese, Japanese), Arabic and Spanish opening question marks."""
+    assert decide(text) == TriggerDecision.reply(Trigger.QUESTION)
+
+
+def test_other_question_marks_alone_are_not_questions() -> None:
+    assert not is_question("？？？")
+    assert not is_question("¿¿")
+
+
+@pytest.mark.parametrize(
     "text",
     ["@waddlebot", "@WaddleBot you there", "waddlebot is cool", "I think Waddlebot rocks",
      "thanks @waddlebot!", "yo waddlebot,", "waddlebot's hat"],

@@ -92,11 +92,19 @@ class Provider(Protocol):
 
 async def collect(provider: Provider, request: ChatRequest) -> Completion:
     """Stream a request and join the pieces into one `Completion`."""
-    parts: list[str] = []
     model = provider.default_model if request.model is None else request.model
+    return await join_chunks(provider.stream(request), provider=provider.name, model=model)
+
+
+async def join_chunks(
+    chunks: AsyncIterator[CompletionChunk], *, provider: str, model: str
+) -> Completion:
+    """One `Completion` from a stream's pieces: the text joined, the last model,
+    usage and finish reason reported (`model` until a piece names one)."""
+    parts: list[str] = []
     usage = TokenUsage()
     finish_reason: str | None = None
-    async for chunk in provider.stream(request):
+    async for chunk in chunks:
         if chunk.text:
             parts.append(chunk.text)
         if chunk.model:
@@ -105,13 +113,8 @@ async def collect(provider: Provider, request: ChatRequest) -> Completion:
             usage = chunk.usage
         if chunk.finish_reason is not None:
             finish_reason = chunk.finish_reason
-    return Completion(
-        text="".join(parts),
-        model=model,
-        provider=provider.name,
-        usage=usage,
-        finish_reason=finish_reason,
-    )
+    return Completion(text="".join(parts), model=model, provider=provider, usage=usage,
+                      finish_reason=finish_reason)
 
 
 async def close_stream(chunks: AsyncIterator[CompletionChunk]) -> None:

@@ -34,8 +34,8 @@ from providers.base import (
     Completion,
     CompletionChunk,
     Provider,
-    TokenUsage,
     close_stream,
+    join_chunks,
 )
 from providers.breaker import (
     DEFAULT_FAILURE_THRESHOLD,
@@ -341,21 +341,8 @@ class ProviderStream:
 
     async def collect(self) -> Completion:
         """The whole answer in one `Completion`."""
-        parts: list[str] = []
-        model = self.request.model or self.provider.default_model
-        usage = TokenUsage()
-        finish_reason: str | None = None
-        async for piece in self.pieces():
-            if piece.text:
-                parts.append(piece.text)
-            if piece.model:
-                model = piece.model
-            if piece.usage is not None:
-                usage = piece.usage
-            if piece.finish_reason is not None:
-                finish_reason = piece.finish_reason
-        return Completion(text="".join(parts), model=model, provider=self.provider.name,
-                          usage=usage, finish_reason=finish_reason)
+        return await join_chunks(self.pieces(), provider=self.provider.name,
+                                 model=self.request.model or self.provider.default_model)
 
     async def aclose(self) -> None:
         """Release the provider's response; a stream left before its end judged nothing."""
